@@ -1,0 +1,1 @@
+"""Data: ingestion with validation and quarantine, the offline demo corpus, chat rendering."""

@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny offline models (built once per session) and one local Ray instance."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory):
+    """{'teacher': dir, 'student': dir} saved with save_pretrained, sharing one tokenizer."""
+    from leaf_ray.models import make_tiny_pair
+
+    return make_tiny_pair(tmp_path_factory.mktemp("tiny-models"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_pair):
+    from leaf_ray.config import ModelRef
+    from leaf_ray.models import load_tokenizer
+
+    return load_tokenizer(ModelRef(path=tiny_pair["student"]))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the session (2 CPUs, no dashboard); shut down at the end."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu"}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def cfg_factory(tmp_path, tiny_pair):
+    """Build a validated LeafConfig rooted in tmp_path and pointing at the tiny pair."""
+    from leaf_ray.config import config_from_dict
+
+    def make(**sections):
+        tree = {
+            "run": {"name": "t", "root_dir": str(tmp_path / "runs")},
+            "models": {"teacher": {"path": tiny_pair["teacher"]}, "student": {"path": tiny_pair["student"]},
+                       "make_tiny_if_missing": False},
+            "ray": {"num_cpus": 2},
+        }
+        for k, v in sections.items():
+            tree.setdefault(k, {}).update(v)
+        return config_from_dict(tree, "test")
+
+    return make
