@@ -1,0 +1,126 @@
+"""Δ, thresholds and spans on hand-made vectors (expected values worked out by hand in the comments)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from leaf_ray.config import ThresholdConfig
+from leaf_ray.detect.confounders import THRESHOLDS, minmax, register_threshold, runs, score_span
+
+# student g = [1, 3, 5, 2, 9]  -> min 1, max 9  -> ĝS = [0, 0.25, 0.5, 0.125, 1]
+# teacher g = [4, 2, 6, 10, 2] -> min 2, max 10 -> ĝT = [0.25, 0, 0.5, 1, 0]
+# ĝT - ĝS = [0.25, -0.25, 0, 0.875, -1] -> min -1, range 1.875
+# Δ = [1.25, 0.75, 1, 1.875, 0] / 1.875 = [2/3, 0.4, 8/15, 1, 0]; sorted [0, 0.4, 8/15, 2/3, 1]
+STUDENT = [1.0, 3.0, 5.0, 2.0, 9.0]
+TEACHER = [4.0, 2.0, 6.0, 10.0, 2.0]
+TEXTS = ["Tom", " has", " 3", " red", " apples"]
+DELTA = [2 / 3, 0.4, 8 / 15, 1.0, 0.0]
+
+
+def test_minmax_by_hand():
+    assert torch.allclose(minmax(torch.tensor([2.0, 4.0, 3.0])), torch.tensor([0.0, 1.0, 0.5]))
+    assert minmax([1, 3]).dtype == torch.float32
+    assert minmax(torch.tensor([1.0, 3.0], dtype=torch.float64)).dtype == torch.float64
+    assert torch.equal(minmax(torch.tensor([5.0, 5.0, 5.0])), torch.zeros(3))  # constant -> zeros
+    assert torch.equal(minmax(torch.tensor([7.0])), torch.zeros(1))
+    assert minmax(torch.tensor([])).numel() == 0
+    with pytest.raises(ValueError, match="non-finite"):
+        minmax(torch.tensor([1.0, float("nan")]))
+
+
+def test_delta_and_quantile_threshold_by_hand():
+    # q = 0.1: h = (5-1)*0.1 = 0.4 -> τ = 0 + 0.4*(0.4 - 0) = 0.16 (< cap 0.5) -> only token 4 (Δ = 0)
+    out = score_span(STUDENT, TEACHER, TEXTS, ThresholdConfig(rule="quantile", quantile=0.1, cap=0.5))
+    assert torch.allclose(out.student_normalized, torch.tensor([0, 0.25, 0.5, 0.125, 1], dtype=torch.float64))
+    assert torch.allclose(out.teacher_normalized, torch.tensor([0.25, 0, 0.5, 1, 0], dtype=torch.float64))
+    assert torch.allclose(out.delta, torch.tensor(DELTA, dtype=torch.float64))
+    assert out.threshold == pytest.approx(0.16)
+    assert out.confounder_mask.tolist() == [False, False, False, False, True]
+    assert out.spans == [(4, 5)]
+    assert not out.degenerate
+
+
+def test_cap_limits_the_quantile():
+    # q = 0.5: h = 2 -> quantile = 8/15 ≈ 0.533; cap 0.5 -> τ = 0.5 -> Δ <= 0.5: tokens 1 (0.4) and 4 (0)
+    out = score_span(STUDENT, TEACHER, TEXTS, ThresholdConfig(rule="quantile", quantile=0.5, cap=0.5))
+    assert out.threshold == pytest.approx(0.5)
+    assert out.spans == [(1, 2), (4, 5)]
+    # cap 1 -> τ = 8/15 -> tokens 1, 2 (8/15 <= 8/15) and 4: runs [1, 3) and [4, 5)
+    out = score_span(STUDENT, TEACHER, TEXTS, ThresholdConfig(rule="quantile", quantile=0.5, cap=1.0))
+    assert out.threshold == pytest.approx(8 / 15)
+    assert out.confounder_mask.tolist() == [False, True, True, False, True]
+    assert out.spans == [(1, 3), (4, 5)]
+
+
+def test_absolute_threshold():
+    out = score_span(STUDENT, TEACHER, TEXTS, ThresholdConfig(rule="absolute", tau=0.45))
+    assert out.threshold == 0.45
+    assert out.spans == [(1, 2), (4, 5)]
+    out = score_span(STUDENT, TEACHER, TEXTS, ThresholdConfig(rule="absolute", tau=0.0))
+    assert out.spans == [(4, 5)]  # Δ = 0 <= 0
+
+
+def test_whitespace_tokens_are_never_confounders_and_break_runs():
+    texts = ["Tom", " ", " 3", "\n\n", "\u3000"]  # token 1 and 3 whitespace; token 4 an ideographic space
+    out = score_span(STUDENT, TEACHER, texts, ThresholdConfig(rule="quantile", quantile=0.5, cap=1.0))
+    # Δ <= 8/15 for tokens 1, 2, 4; tokens 1 and 4 are whitespace-only
+    assert out.confounder_mask.tolist() == [False, False, True, False, False]
+    assert out.spans == [(2, 3)]
+    everything = score_span(STUDENT, TEACHER, [" ", "\t", "", "\n", " "], ThresholdConfig(rule="absolute", tau=1.0))
+    assert not everything.confounder_mask.any() and everything.spans == []
+
+
+def test_quantile_matches_numpy_linear_default():
+    generator = torch.Generator().manual_seed(0)
+    for n in (1, 2, 7, 50):
+        student = torch.rand(n, generator=generator)
+        teacher = torch.rand(n, generator=generator)
+        for q in (0.05, 0.1, 0.37):
+            cfg = ThresholdConfig(rule="quantile", quantile=q, cap=1.0)
+            out = score_span(student, teacher, ["x"] * n, cfg)
+            assert out.threshold == pytest.approx(float(np.quantile(out.delta.numpy(), q)), abs=1e-12)
+
+
+def test_degenerate_span_has_no_confounders():
+    one = score_span([3.0], [1.0], ["Tom"], ThresholdConfig())  # a one-token span: Δ = [0]
+    assert one.degenerate and one.delta.tolist() == [0.0] and one.spans == []
+    same = score_span([1.0, 2.0, 3.0], [2.0, 4.0, 6.0], ["a", "b", "c"], ThresholdConfig())
+    assert same.degenerate and not same.confounder_mask.any()  # ĝT == ĝS: nothing to tell apart
+
+
+def test_bad_inputs_are_rejected():
+    with pytest.raises(ValueError, match="5 student / 4 teacher scores for 5 token texts"):
+        score_span(STUDENT, TEACHER[:4], TEXTS, ThresholdConfig())
+    with pytest.raises(ValueError, match="no tokens"):
+        score_span([], [], [], ThresholdConfig())
+    with pytest.raises(ValueError, match="unknown threshold rule 'nope'"):
+        score_span(STUDENT, TEACHER, TEXTS, SimpleNamespace(rule="nope"))
+    with pytest.raises(ValueError, match="non-finite"):
+        score_span([1.0, float("inf")], [1.0, 2.0], ["a", "b"], ThresholdConfig())
+
+
+def test_registry_decorator():
+    assert {"quantile", "absolute"} <= set(THRESHOLDS)
+
+    @register_threshold("test_median")
+    def median(delta, cfg):
+        return float(delta.median())
+
+    try:
+        # Δ median = 8/15 -> tokens 1, 2, 4
+        out = score_span(STUDENT, TEACHER, TEXTS, SimpleNamespace(rule="test_median"))
+        assert out.spans == [(1, 3), (4, 5)]
+        with pytest.raises(ValueError, match="already registered"):
+            register_threshold("test_median")(median)
+    finally:
+        THRESHOLDS.pop("test_median")
+
+
+def test_runs():
+    assert runs([]) == []
+    assert runs([True, True, False, True]) == [(0, 2), (3, 4)]
+    assert runs([False, True, True, True]) == [(1, 4)]
