@@ -1,0 +1,2 @@
+"""Generation scoring: math answers (`answers`), sandboxed code execution (`sandbox`), benchmark loaders
+(`benchmarks`). The generation backends, evaluation runner and `compare` build on these."""
