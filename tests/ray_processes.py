@@ -1,0 +1,166 @@
+"""A private `ray start --head` for tests that need a real head node (job server, fake autoscaler).
+
+Isolation from other Ray instances on the machine: its own `--temp-dir` (a bare `ray.init()` elsewhere only
+looks for clusters in the default temp dir), every port chosen free, and its own process group. It is stopped
+by signalling exactly its processes: SIGTERM to `ray start --block` tears down what that command started
+(what `ray stop` does, but for one cluster; `ray stop` has no per-cluster form and would stop every Ray process
+on the machine), then SIGKILL for anything of this cluster still alive.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+BIN = Path(sys.executable).parent  # the venv: `ray`, and the `python` a job's entrypoint runs
+
+
+@dataclass
+class Head:
+    gcs_address: str
+    dashboard_url: str | None
+    temp_dir: str
+    env: dict[str, str]
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def ray_env(**extra: str) -> dict[str, str]:
+    """The environment for `ray start` / `ray job submit`: no token auth, the venv first on PATH, no
+    RAY_ADDRESS leaking in from the caller."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", PATH=f"{BIN}:{env.get('PATH', '')}",
+               DS_ACCELERATOR="cpu", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")  # nothing to drain on stop
+    env.update(extra)
+    return env
+
+
+def cluster_pids(pgid: int, temp_dir: str) -> set[int]:
+    """Live processes of one cluster: its process group, or anything whose command line or working directory
+    names its temp dir (workers, agents, the nodes a fake autoscaler adds, job drivers, which Ray starts in
+    their own sessions). Zombies are left out: they hold nothing and their parent reaps them."""
+    pids = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue
+            if os.getpgid(int(proc.name)) == pgid:
+                pids.add(int(proc.name))
+                continue
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            cwd = os.readlink(proc / "cwd")
+        except (OSError, IndexError):
+            continue
+        if temp_dir in cmdline or cwd.startswith(temp_dir):
+            pids.add(int(proc.name))
+    return pids
+
+
+def stop(head: subprocess.Popen, temp_dir: str, grace_s: float = 30.0) -> set[int]:
+    """Stop one cluster; returns the processes still alive afterwards (expected: none)."""
+    head.send_signal(signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        head.wait(timeout=grace_s)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        left = cluster_pids(head.pid, temp_dir)
+        if not left:
+            break
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.5)
+    if head.poll() is None:
+        head.kill()
+        head.wait(timeout=10)
+    return cluster_pids(head.pid, temp_dir)
+
+
+def _start_once(args: list[str], env: dict[str, str], temp_dir: str, dashboard_url: str | None,
+                timeout_s: float) -> tuple[subprocess.Popen, str | None]:
+    """One `ray start --block`; returns (process, error). On error the caller stops the process."""
+    log_path = Path(temp_dir) / "ray-start.log"
+    with open(log_path, "w") as log:
+        head = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address_file = Path(temp_dir) / "ray_current_cluster"  # written once the head is up
+    deadline = time.monotonic() + timeout_s
+    while not address_file.exists():
+        if head.poll() is not None:
+            return head, f"ray start exited:\n{log_path.read_text()[-4000:]}"
+        if time.monotonic() > deadline:
+            return head, f"head not up after {timeout_s}s:\n{log_path.read_text()[-4000:]}"
+        time.sleep(1)
+    while dashboard_url:
+        probe = subprocess.run([str(BIN / "ray"), "job", "list", "--address", dashboard_url], env=env,
+                               check=False, capture_output=True, text=True, timeout=60)
+        if probe.returncode == 0:
+            break
+        if time.monotonic() > deadline:
+            return head, f"job server not up at {dashboard_url}: {probe.stderr[-2000:]}"
+        time.sleep(2)
+    return head, None
+
+
+@contextlib.contextmanager
+def private_head(*, num_cpus: int, dashboard: bool = False, extra_args: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None, gcs_port: int | None = None,
+                 start_timeout_s: float = 240, attempts: int = 3) -> Iterator[Head]:
+    """Start a head, wait until it (and, with `dashboard`, its job server) answers, yield, stop it.
+
+    `ray start` gives its raylet a fixed 30 s to register with the GCS; on a heavily loaded machine that can
+    fail, so a head that dies while starting is cleaned up and started afresh (up to `attempts` times)."""
+    env = env or ray_env()
+    errors = []
+    for _ in range(attempts):
+        # Short temp dir: Ray's socket paths must stay under the 107-byte limit of AF_UNIX.
+        temp_dir = tempfile.mkdtemp(prefix="lrray-", dir="/tmp")
+        ports = free_ports(9)
+        args = [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs_port or ports[0]}",
+                f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+                f"--dashboard-agent-listen-port={ports[1]}", f"--dashboard-agent-grpc-port={ports[2]}",
+                f"--metrics-export-port={ports[3]}", f"--runtime-env-agent-port={ports[4]}",
+                f"--node-manager-port={ports[5]}", f"--object-manager-port={ports[6]}",
+                f"--ray-client-server-port={ports[7]}", *extra_args]
+        dashboard_url = None
+        if dashboard:
+            args += ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={ports[8]}"]
+            dashboard_url = f"http://127.0.0.1:{ports[8]}"
+        else:
+            args.append("--include-dashboard=false")
+        head, error = _start_once(args, env, temp_dir, dashboard_url, start_timeout_s)
+        if error is None:
+            break
+        errors.append(error)
+        survivors = stop(head, temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        assert not survivors, f"processes of a failed test head still alive: {sorted(survivors)}"
+    else:
+        raise AssertionError(f"no Ray head after {attempts} attempts:\n" + "\n---\n".join(errors))
+    try:
+        yield Head(gcs_address=(Path(temp_dir) / "ray_current_cluster").read_text().strip(),
+                   dashboard_url=dashboard_url, temp_dir=temp_dir, env=env)
+    finally:
+        survivors = stop(head, temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        assert not survivors, f"processes of the test cluster still alive: {sorted(survivors)}"
