@@ -114,38 +114,130 @@ def ingest(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 @app.command()
 def detect(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Stage 1: gradient-based confounder detection and span-pruned counterfactuals (Ray Data)."""
-    not_implemented("detect", "issue 3")
+    from leaf_ray.detect.pipeline import DetectionError, GenerationBackendUnavailable, run_detection
+    from leaf_ray.models import ModelLoadError
+
+    cfg = resolve(config, set_)
+    try:
+        report = run_detection(cfg, console=console)
+    except (DetectionError, GenerationBackendUnavailable, ModelLoadError) as e:
+        from rich.markup import escape
+
+        err_console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
+        raise typer.Exit(1) from None
+    report.print(console)
 
 
 @app.command()
-def distill(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+def distill(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    variant: Annotated[Optional[str], typer.Option(
+        help="kd (KD w/o mask) | leaf_instr | leaf_instr_resp. Default: leaf_instr, or kd when "
+             "distill.use_counterfactuals is false.")] = None,
+    parent_run_id: Annotated[Optional[str], typer.Option(help="MLflow run to nest this run under.")] = None,
+) -> None:
     """Stage 2: hybrid-KL distillation on Ray Train + DeepSpeed, tracked in MLflow."""
-    not_implemented("distill", "issue 4")
+    from leaf_ray.distill.data import DistillDataError
+    from leaf_ray.distill.trainer import run_distillation
+    from leaf_ray.models import ModelCompatibilityError, ModelLoadError
+
+    cfg = resolve(config, set_)
+    try:
+        result = run_distillation(cfg, variant=variant, console=console, parent_run_id=parent_run_id)
+    except (DistillDataError, ModelLoadError, ModelCompatibilityError) as e:
+        err_console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(1) from None
+    console.print(f"[green]done[/green]: {result.steps} steps, best validation loss {result.best_val_loss} "
+                  f"(step {result.best_step})")
+    console.print(f"model:      {result.export_dir}", highlight=False)
+    if result.mlflow_run_id:
+        console.print(f"MLflow run: {result.mlflow_run_id}", highlight=False)
 
 
 @app.command()
 def generate(config: ConfigOpt = None, set_: SetOpt = None) -> None:
-    """Generate responses (vLLM or transformers) as a Ray Data actor pool."""
-    not_implemented("generate", "issue 5")
+    """Teacher responses for `data/clean` (vLLM or transformers, Ray Data actor pool), kept only where the
+    final answer matches the reference; written to `<run dir>/generate/teacher_responses/`."""
+    from leaf_ray.generate.backends import GenerationError
+    from leaf_ray.generate.pipeline import generate_teacher_responses
+    from leaf_ray.models import ModelLoadError
+
+    cfg = resolve(config, set_)
+    try:
+        report = generate_teacher_responses(cfg)
+    except (FileNotFoundError, GenerationError, ModelLoadError) as e:
+        err_console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(1) from None
+    report.print(console)
 
 
 @app.command()
-def evaluate(config: ConfigOpt = None, set_: SetOpt = None) -> None:
-    """Evaluate a model on math/code benchmarks; log to MLflow."""
-    not_implemented("evaluate", "issue 5")
+def evaluate(
+    config: ConfigOpt = None, set_: SetOpt = None,
+    model: Annotated[str | None, typer.Option(help="Model directory (default: the configured student).")] = None,
+    label: Annotated[str | None, typer.Option(
+        help="Variant label (teacher, pre_kd, kd, leaf_instr, leaf_instr_resp, ...); default from the model.")] = None,
+    run_id: Annotated[str | None, typer.Option(help="Log on this MLflow run instead of a new one.")] = None,
+) -> None:
+    """Evaluate a model on the configured math/code benchmarks; predictions as Parquet, metrics to MLflow."""
+    from leaf_ray.config import ModelRef
+    from leaf_ray.evaluate.benchmarks import BenchmarkError
+    from leaf_ray.evaluate.runner import EvaluationError, default_label, run_evaluation
+    from leaf_ray.generate.backends import GenerationError
+    from leaf_ray.models import ModelLoadError
+
+    cfg = resolve(config, set_)
+    if model is None:
+        model_ref = cfg.models.student
+    elif model == cfg.models.teacher.path:
+        model_ref = cfg.models.teacher
+    else:
+        model_ref = ModelRef(path=model, dtype=cfg.models.student.dtype)
+    try:
+        result = run_evaluation(cfg, model_ref, label=label or default_label(cfg, model_ref.path),
+                                mlflow_run_id=run_id)
+    except (BenchmarkError, EvaluationError, GenerationError, ModelLoadError) as e:
+        err_console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(1) from None
+    result.print(console)
 
 
 @app.command()
-def compare(experiment: Annotated[str, typer.Option(help="MLflow experiment name.")] = "leaf-ray",
-            config: ConfigOpt = None, set_: SetOpt = None) -> None:
-    """Print the paper-shaped comparison table from MLflow runs."""
-    not_implemented("compare", "issue 5")
+def compare(
+    experiment: Annotated[str | None, typer.Option(help="MLflow experiment (default: tracking.experiment).")] = None,
+    config: ConfigOpt = None, set_: SetOpt = None,
+    markdown: Annotated[str | None, typer.Option("--markdown", help="Also write the table as Markdown.")] = None,
+    csv_out: Annotated[str | None, typer.Option("--csv", help="Also write the table as CSV.")] = None,
+) -> None:
+    """Print the paper-shaped comparison table (variants x benchmarks + domain averages) from MLflow runs."""
+    from pathlib import Path
+
+    from leaf_ray.evaluate.compare import CompareError, compare_experiment
+    from leaf_ray.tracking import tracking_uri
+
+    cfg = resolve(config, set_)
+    try:
+        table = compare_experiment(tracking_uri(cfg), experiment or cfg.tracking.experiment)
+    except CompareError as e:
+        err_console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(1) from None
+    console.print(table.to_rich())
+    for path, text in ((markdown, table.to_markdown), (csv_out, table.to_csv)):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(text(), encoding="utf-8")
+            console.print(f"wrote {path}")
 
 
 @app.command()
 def run(config: ConfigOpt = None, set_: SetOpt = None) -> None:
-    """The whole chain: detection -> counterfactuals -> distillation -> evaluation."""
-    not_implemented("run", "issue 6")
+    """The whole chain: detection -> counterfactuals -> distillation -> evaluation (resumes on rerun)."""
+    from leaf_ray.pipeline import run_pipeline
+
+    cfg = resolve(config, set_)
+    result = run_pipeline(cfg, console)
+    console.print(f"outputs: {result.run_dir}")
 
 
 @app.command()
@@ -161,25 +253,77 @@ def demo(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 def inspect(run_dir: Annotated[str, typer.Option("--run", help="Run directory.")],
             sample_id: Annotated[str, typer.Argument()]) -> None:
     """Coloured terminal view of one sample's Δ scores and counterfactuals."""
-    not_implemented("inspect", "issue 7")
+    from leaf_ray.analysis.heatmap import read_sample, rich_view, truth_spans_of
+
+    try:
+        rows, counterfactuals = read_sample(run_dir, sample_id)
+    except (FileNotFoundError, KeyError) as e:
+        from rich.markup import escape
+
+        err_console.print(f"[red]error:[/red] {escape(str(e.args[0] if isinstance(e, KeyError) else e))}",
+                          highlight=False)
+        raise typer.Exit(1) from None
+    truth = truth_spans_of(run_dir, sample_id)
+    for row in rows:
+        console.print(rich_view(row, [c for c in counterfactuals if c["scope"] == row["scope"]],
+                                truth if row["scope"] == "instruction" else ()))
+        console.print()
 
 
 @bench_app.command("detect")
-def bench_detect(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+def bench_detect(
+    config: ConfigOpt = None, set_: SetOpt = None,
+    samples: Annotated[int, typer.Option(help="Instructions scored by every method.")] = 32,
+    batch_size: Annotated[Optional[int], typer.Option(help="Batch size (default: student_pool's).")] = None,
+    repeats: Annotated[int, typer.Option(help="Timed repeats per method; the fastest is kept.")] = 2,
+    threads: Annotated[Optional[int], typer.Option(help="torch threads (default: all CPUs).")] = None,
+    pairs: Annotated[str, typer.Option(help="Comma-separated: tiny, larger.")] = "tiny,larger",
+    pipeline: Annotated[bool, typer.Option(help="Also time run_detection end to end on a local Ray.")] = True,
+) -> None:
     """This pipeline vs a naive per-sample loop mirroring the reference release."""
-    not_implemented("bench detect", "issue 3")
+    from leaf_ray.bench.detect import run_bench
+
+    cfg = resolve(config, set_)
+    chosen = tuple(p.strip() for p in pairs.split(",") if p.strip())
+    unknown = [p for p in chosen if p not in ("tiny", "larger")]
+    if unknown or not chosen:
+        err_console.print(f"[red]error:[/red] --pairs: unknown pair(s) {unknown}; choose from tiny, larger")
+        raise typer.Exit(2)
+    run_bench(cfg, console, samples=samples, batch_size=batch_size, repeats=repeats, threads=threads,
+              pairs=chosen, pipeline=pipeline)
 
 
 @bench_app.command("distill")
-def bench_distill(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+def bench_distill(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    steps: Annotated[int, typer.Option(help="Timed optimizer steps per loop (after warm-up).")] = 6,
+    warmup: Annotated[int, typer.Option(help="Untimed warm-up steps per loop.")] = 2,
+    memory: Annotated[bool, typer.Option(help="Also run the loss peak-memory bench (vocab 32k, seq 2k).")] = True,
+) -> None:
     """This trainer's tokens/s and chunked-loss memory vs the reference-style loop."""
-    not_implemented("bench distill", "issue 4")
+    from leaf_ray.bench.distill import run_distill_bench
+
+    cfg = resolve(config, set_)
+    run_distill_bench(cfg, console, steps=steps, warmup=warmup, memory=memory)
 
 
 @bench_app.command("focus")
-def bench_focus(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+def bench_focus(
+    config: ConfigOpt = None, set_: SetOpt = None,
+    prepare: Annotated[bool, typer.Option("--prepare", help="Train the tiny teacher/student first (cached).")] = False,
+    seeds: Annotated[Optional[int], typer.Option("--seeds", min=1, help="Distillation seeds per variant.")] = None,
+) -> None:
     """Controlled confounder benchmark: detection P/R/F1 and KD vs LeaF accuracy."""
-    not_implemented("bench focus", "issue 7")
+    from leaf_ray.bench.focus import FocusBenchError, run_focus_bench
+
+    overrides = list(set_ or []) + ([f"bench.focus.seeds={seeds}"] if seeds is not None else [])
+    cfg = resolve(config or "configs/bench-focus.yaml", overrides)
+    try:
+        run_focus_bench(cfg, prepare=prepare, console=console)
+    except FocusBenchError as e:
+        err_console.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(1) from None
 
 
 if __name__ == "__main__":

@@ -132,6 +132,23 @@ class PoolConfig(_Section):
             raise ValueError(f"min_actors ({self.min_actors}) must be <= max_actors ({self.max_actors})")
         return self
 
+    def ray_resources(self) -> dict[str, float]:
+        """The Ray resources one actor of this pool asks for (what the autoscaler must find a node for)."""
+        return {"CPU": self.num_cpus, **({"GPU": self.num_gpus} if self.num_gpus else {}), **self.resources}
+
+    def map_batches_kwargs(self) -> dict[str, Any]:
+        """`Dataset.map_batches(Fn, **pool.map_batches_kwargs())`: one place turning a pool into Ray Data
+        arguments, so every actor pool (and the autoscaling test) requests exactly what the config says."""
+        from ray.data import ActorPoolStrategy
+
+        kwargs: dict[str, Any] = {
+            "compute": ActorPoolStrategy(min_size=self.min_actors, max_size=self.max_actors),
+            "batch_size": self.batch_size, "num_cpus": self.num_cpus, "num_gpus": self.num_gpus,
+        }
+        if self.resources:
+            kwargs["resources"] = dict(self.resources)
+        return kwargs
+
 
 class ThresholdConfig(_Section):
     """Which Δ counts as a confounder (DESIGN §1 Stage 1a)."""
@@ -163,16 +180,21 @@ class DetectionConfig(_Section):
     verification: bool = Field(False, description="Keep counterfactuals after which the student is right.")
     student_pool: PoolConfig = Field(default_factory=PoolConfig)
     teacher_pool: PoolConfig = Field(default_factory=PoolConfig)
+    units_per_part: int = Field(
+        64, ge=1, description="Units (sample x scope) per streamed block and committed Parquet part: the resume "
+        "granularity (a killed run redoes only the parts in flight).")
 
 
 # --------------------------------------------------------------------------- distillation (Stage 2)
 
 
 class DeepSpeedConfig(_Section):
-    zero_stage: Literal[0, 1, 2, 3] = 0
-    offload_optimizer: bool = False
-    offload_param: bool = False
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """The student's DeepSpeed engine (the optimizer is a client `torch.optim.AdamW`: nothing is compiled)."""
+
+    zero_stage: Literal[0, 1, 2, 3] = Field(0, description="ZeRO stage of the student (0 = plain DDP).")
+    offload_optimizer: bool = Field(False, description="ZeRO-Offload: optimizer state in CPU memory (stage>=1).")
+    offload_param: bool = Field(False, description="Parameters in CPU memory (ZeRO-3 only).")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Student compute precision.")
 
 
 class TrainResources(_Section):
@@ -181,6 +203,7 @@ class TrainResources(_Section):
     cpus_per_worker: float = Field(0.5, gt=0.0, description="Fractional so Ray Data keeps CPU to read.")
     gpus_per_worker: float = Field(0.0, ge=0.0)
     resources: dict[str, float] = Field(default_factory=dict)
+    torch_threads: int | None = Field(None, ge=1, description="torch threads per worker (null = Ray's default).")
 
 
 class DistillConfig(_Section):
@@ -190,7 +213,18 @@ class DistillConfig(_Section):
     use_counterfactuals: bool = Field(True, description="False = plain KD (\"KD w/o mask\").")
     teacher_mode: Literal["replicated", "zero3", "topk_cache"] = "replicated"
     topk: int = Field(64, ge=1, description="k of the offline teacher top-k cache.")
+    topk_cache_dir: str | None = Field(
+        None, description="Parquet dir of the teacher top-k cache; null = `<run dir>/distill/topk_cache`."
+    )
+    topk_pool: PoolConfig = Field(
+        default_factory=PoolConfig, description="Ray Data actor pool holding the teacher for the top-k cache pass."
+    )
     chunk_size: int = Field(256, ge=1, description="Positions per chunk of the KL (memory bound).")
+    chunked_lm_head: bool = Field(
+        True, description="Build the student's logits per chunk of target positions from its final hidden states "
+                          "(no [batch, seq, vocab] tensor). ZeRO-3 (partitioned head) and soft-capped heads use the "
+                          "model's full logits."
+    )
     epochs: int = Field(3, ge=1)
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
     lr: float = Field(1e-5, gt=0.0)
@@ -202,7 +236,14 @@ class DistillConfig(_Section):
     max_grad_norm: float = Field(1.0, ge=0.0)
     eval_every_steps: int | None = Field(None, ge=1, description="null = validate once per epoch.")
     checkpoint_every_steps: int = Field(50, ge=1)
-    max_failures: int = Field(1, ge=0)
+    max_failures: int = Field(1, ge=0, description="Worker-group restarts (from the last checkpoint) allowed.")
+    keep_checkpoints: int = Field(2, ge=1, description="Ray Train checkpoints kept (the latest always).")
+    bucket_steps: int = Field(
+        8, ge=1, description="Length grouping: groups are sorted by length within windows of this many steps."
+    )
+    fail_at_step: int | None = Field(
+        None, ge=1, description="TESTING ONLY: crash once after this optimizer step, on the first attempt."
+    )
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     resources: TrainResources = Field(default_factory=TrainResources)
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
@@ -212,29 +253,90 @@ class DistillConfig(_Section):
 
 
 class GenerationConfig(_Section):
-    backend: Literal["auto", "vllm", "transformers"] = "auto"
+    """Text generation (teacher responses, Stage 1 selection/verification, evaluation)."""
+
+    backend: Literal["auto", "vllm", "transformers"] = Field(
+        "auto", description="`auto` = vllm if importable and a GPU is visible to the actor, else transformers."
+    )
     max_new_tokens: int = Field(256, ge=1)
     temperature: float = Field(0.0, ge=0.0, description="0 = greedy.")
-    stop: list[str] = Field(default_factory=list)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling (only when temperature > 0).")
+    stop: list[str] = Field(default_factory=list, description="Stop strings; the output is cut before them.")
+    chat_template: str | None = Field(
+        None, description="Jinja chat template overriding the tokenizer's (null = the tokenizer's own)."
+    )
+    vllm_engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra `vllm.LLM(...)` arguments, e.g. tensor_parallel_size, gpu_memory_utilization, "
+                    "max_model_len.",
+    )
     pool: PoolConfig = Field(default_factory=PoolConfig)
 
 
 class BenchmarkRef(_Section):
+    """One benchmark: a local file in a known format, or an offline built-in (leaf_ray/evaluate/benchmarks.py)."""
+
     name: str
-    kind: Literal["math", "code"] = "math"
+    kind: Literal["math", "code"] = Field(
+        "math", description="Scoring kind; when omitted it follows `format` (humaneval/leetcode/livecodebench = code)."
+    )
     format: Literal["gsm8k", "math", "olympiadbench", "gsm_symbolic", "champ", "humaneval", "leetcode",
                     "livecodebench"] = "gsm_symbolic"
-    path: str | None = Field(None, description="Local file; null for offline built-ins.")
-    limit: int | None = Field(None, ge=1)
-    fields: dict[str, str] = Field(default_factory=dict, description="Field mapping for local files.")
+    path: str | None = Field(None, description="Local JSON/JSONL/Parquet file; null for offline built-ins.")
+    limit: int | None = Field(None, ge=1, description="First N records (built-ins: N generated; null = default).")
+    fields: dict[str, str] = Field(
+        default_factory=dict, description="Field mapping for local files: canonical field -> column in the file."
+    )
+    seed: int = Field(
+        0, ge=0, description="Seed of the generated built-in gsm_symbolic (offset so it never overlaps the demo corpus)."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kind_from_format(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "kind" not in data and data.get("format") in CODE_FORMATS:
+            data = {**data, "kind": "code"}
+        return data
+
+    @model_validator(mode="after")
+    def _kind_matches_format(self) -> "BenchmarkRef":
+        if (self.format in CODE_FORMATS) != (self.kind == "code"):
+            raise ValueError(f"benchmark {self.name!r}: kind {self.kind!r} does not fit format {self.format!r}")
+        return self
+
+
+CODE_FORMATS = ("humaneval", "leetcode", "livecodebench")
 
 
 class EvaluationConfig(_Section):
     benchmarks: list[BenchmarkRef] = Field(
         default_factory=lambda: [BenchmarkRef(name="gsm_symbolic", format="gsm_symbolic", limit=32)]
     )
-    code_timeout_s: float = Field(10.0, gt=0.0)
-    code_memory_mb: int = Field(1024, ge=64)
+    code_timeout_s: float = Field(10.0, gt=0.0, description="Wall-clock limit of one sandboxed code run.")
+    code_memory_mb: int = Field(1024, ge=64, description="Address-space cap (RLIMIT_AS) of a sandboxed run.")
+    code_max_processes: int = Field(32, ge=4, le=4096, description="RLIMIT_NPROC budget of a sandboxed run.")
+    code_isolation: Literal["auto", "namespaces", "hooks"] = Field(
+        "auto",
+        description="Sandbox mode: namespaces (root + unshare: uid, pid/net/mount namespaces), hooks (Python "
+        "audit hooks only, weaker) or auto (namespaces where available). See leaf_ray/evaluate/sandbox.py.",
+    )
+    math_instruction: str = Field(
+        "{prompt}\nPlease reason step by step, and put your final answer within \\boxed{}.",
+        description="Instruction sent for a math problem; `{prompt}` is replaced by the problem text.",
+    )
+    code_instruction: str = Field(
+        "Solve the following problem in Python. Give the complete solution in one ```python code block."
+        "\n\n{prompt}",
+        description="Instruction sent for a code problem; `{prompt}` is replaced by the problem/signature.",
+    )
+    code_workers: int = Field(4, ge=1, le=256, description="Sandboxed code checks run at once.")
+
+    @model_validator(mode="after")
+    def _instructions_have_prompt(self) -> "EvaluationConfig":
+        for key in ("math_instruction", "code_instruction"):
+            if "{prompt}" not in getattr(self, key):
+                raise ValueError(f"{key} must contain the placeholder {{prompt}}")
+        return self
 
 
 class PipelineConfig(_Section):
@@ -245,6 +347,72 @@ class PipelineConfig(_Section):
         default_factory=lambda: ["kd", "leaf_instr"]
     )
     evaluate: bool = True
+
+
+# --------------------------------------------------------------------------- benchmarks (bench focus)
+
+
+class FocusStudentSizes(_Section):
+    """Student architecture of `leaf-ray bench focus --prepare` (Qwen2-style; hidden/heads must be 64)."""
+
+    hidden_size: int = Field(128, ge=64)
+    intermediate_size: int = Field(256, ge=64)
+    num_hidden_layers: int = Field(2, ge=1)
+    num_attention_heads: int = Field(2, ge=1)
+    num_key_value_heads: int = Field(2, ge=1)
+
+
+class FocusTeacherSizes(FocusStudentSizes):
+    """Teacher architecture of `leaf-ray bench focus --prepare` (larger than the student)."""
+
+    hidden_size: int = Field(256, ge=64)
+    intermediate_size: int = Field(512, ge=64)
+    num_hidden_layers: int = Field(4, ge=1)
+    num_attention_heads: int = Field(4, ge=1)
+    num_key_value_heads: int = Field(4, ge=1)
+
+
+class FocusPrepareConfig(_Section):
+    """The from-scratch training recipe of the focus benchmark's teacher and student (leaf_ray/bench/focus_prepare.py)."""
+
+    vocab_size: int = Field(512, ge=300, description="Shared byte-level BPE vocabulary size.")
+    teacher: FocusTeacherSizes = Field(default_factory=FocusTeacherSizes,
+                                       description="Teacher architecture (trained on problems with distractors).")
+    student: FocusStudentSizes = Field(default_factory=FocusStudentSizes,
+                                       description="Student architecture (trained on clean problems only).")
+    steps: int = Field(1500, ge=1, description="Optimizer steps per model.")
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(2e-3, gt=0.0, description="One-cycle max learning rate (AdamW).")
+    seed: int = Field(0, ge=0, description="Init/shuffle seed (the student uses seed + 1).")
+    torch_threads: int = Field(2, ge=1)
+    check_size: int = Field(200, ge=1, description="Validation problems for the prepared models' accuracy check.")
+
+
+class FocusSizes(_Section):
+    """Problems per split of the focus task (leaf_ray/bench/focus_task.py)."""
+
+    prepare: int = Field(8000, ge=1, description="From-scratch training set of teacher and student.")
+    train: int = Field(384, ge=2, description="Corpus ingested, scored by detection and distilled on.")
+    validation: int = Field(200, ge=1)
+    test: int = Field(300, ge=1, description="Held-out problems with 1-2 distractors each.")
+
+
+class FocusBenchConfig(_Section):
+    """`leaf-ray bench focus`: the controlled confounder benchmark (leaf_ray/bench/focus.py)."""
+
+    task_seed: int = Field(0, ge=0, description="Seed of the generated task splits.")
+    max_number: int = Field(20, ge=2, le=1000, description="Largest number in a problem or distractor.")
+    sizes: FocusSizes = Field(default_factory=FocusSizes)
+    prepare: FocusPrepareConfig = Field(default_factory=FocusPrepareConfig)
+    seeds: int = Field(3, ge=1, le=20, description="Distillation seeds per variant (run.seed + 0, 1, ...).")
+    variants: list[Literal["kd", "leaf_instr", "leaf_instr_resp"]] = Field(
+        default_factory=lambda: ["kd", "leaf_instr", "leaf_instr_resp"])
+    attention_samples: int = Field(200, ge=1, description="Test problems for the attention measurement.")
+    heatmaps: int = Field(4, ge=0, description="Detection heatmaps logged to MLflow.")
+
+
+class BenchConfig(_Section):
+    focus: FocusBenchConfig = Field(default_factory=FocusBenchConfig)
 
 
 # --------------------------------------------------------------------------- root
@@ -261,6 +429,7 @@ class LeafConfig(_Section):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    bench: BenchConfig = Field(default_factory=BenchConfig)
 
     def dump(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
@@ -347,6 +516,28 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config_from_dict(tree, source)
 
 
+def _type_name(ann: Any) -> str:
+    import typing
+
+    origin = typing.get_origin(ann)
+    if origin is Literal:
+        return " &#124; ".join(json_repr(a) for a in typing.get_args(ann))
+    if origin is not None and str(origin) in ("typing.Union", "<class 'types.UnionType'>"):
+        return " &#124; ".join(_type_name(a) for a in typing.get_args(ann))
+    if ann is type(None):
+        return "null"
+    if origin is not None:
+        args = ", ".join(_type_name(a) for a in typing.get_args(ann))
+        return f"{getattr(origin, '__name__', str(origin))}[{args}]"
+    return getattr(ann, "__name__", str(ann))
+
+
+def json_repr(value: Any) -> str:
+    import json
+
+    return json.dumps(value, ensure_ascii=False)
+
+
 def iter_fields(model: type[BaseModel] = LeafConfig, prefix: str = ""):
     """Yield (dotted key, type name, default, description) for the config reference in the README."""
     for name, field in model.model_fields.items():
@@ -355,10 +546,12 @@ def iter_fields(model: type[BaseModel] = LeafConfig, prefix: str = ""):
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             yield from iter_fields(ann, key + ".")
             continue
-        default = field.get_default(call_default_factory=True)
+        default = None if field.is_required() else field.get_default(call_default_factory=True)
+        if field.is_required():
+            yield key, _type_name(ann) + " (required)", default, field.description or ""
+            continue
         if isinstance(default, BaseModel):
             default = default.model_dump(mode="json")
         elif isinstance(default, list):
             default = [d.model_dump(mode="json") if isinstance(d, BaseModel) else d for d in default]
-        type_name = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
-        yield key, type_name, default, field.description or ""
+        yield key, _type_name(ann), default, field.description or ""

@@ -1,4 +1,4 @@
-"""`make demo`: the main job on the embedded default. Grows into the full chain (issue 6)."""
+"""`make demo`: the whole chain on the embedded default (local Ray, tiny offline models, local MLflow)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ from leaf_ray.config import LeafConfig
 
 
 def run_demo(cfg: LeafConfig, console: Console) -> int:
-    from leaf_ray.data.ingest import run_ingest
-    from leaf_ray.models import ensure_tiny_pair
+    from leaf_ray.pipeline import run_pipeline
+    from leaf_ray.tracking import tracking_uri
 
     console.rule("leaf-ray demo")
-    ensure_tiny_pair(cfg)
-    console.print(f"tiny models: {cfg.models.teacher.path}, {cfg.models.student.path}")
-    report = run_ingest(cfg)
-    report.print(console)
+    result = run_pipeline(cfg, console)
+    console.rule("done")
+    console.print(f"outputs:       {result.run_dir.resolve()}")
+    console.print(f"comparison:    {result.run_dir.resolve() / 'comparison.md'}")
+    console.print(f"MLflow store:  {tracking_uri(cfg)}")
+    console.print(f"MLflow UI:     .venv/bin/mlflow ui --backend-store-uri {tracking_uri(cfg)} --port 5000")
     return 0

@@ -14,5 +14,5 @@ def config_reference_markdown() -> str:
     lines = ["| key | type | default | description |", "|---|---|---|---|"]
     for key, type_name, default, desc in iter_fields():
         d = json.dumps(default, ensure_ascii=False)
-        lines.append(f"| `{key}` | {type_name.replace('|', '&#124;')} | `{d}` | {desc.replace('|', '&#124;')} |")
+        lines.append(f"| `{key}` | {type_name} | `{d}` | {desc.replace('|', '&#124;')} |")
     return "\n".join(lines) + "\n"

@@ -1,0 +1,334 @@
+"""`leaf-ray bench detect`: Stage 1 saliency, this pipeline vs a naive loop mirroring the reference release.
+
+Same samples (instruction level, the demo corpus) and the same models for every method; two pairs: the tiny
+pair, and a larger random pair (teacher 6 layers x 512 hidden, student 4 x 256) sharing the tiny tokenizer.
+
+Methods, each in its own fresh subprocess (so its peak memory is its own and nothing is warm from another):
+
+- ``batched``: the pipeline's own code without Ray: ``tokenise_units`` then the student's and the teacher's
+  ``SaliencyScorer`` on padded batches (eval mode, frozen parameters, gradient w.r.t. the input embeddings
+  only).
+- ``naive``: :func:`naive_saliency`, the reference release's loop (``run_gradients_*_instruct_level.py``): one
+  sample and one model at a time, ``model.train()``, every parameter requiring grad, ``loss.backward()`` (all
+  parameter gradients computed, never used), the HF ``labels`` loss over all logits, the instruction found by
+  decoding token by token. Its embedding gradient is kept with ``retain_grad()`` (the release reads ``.grad``
+  of a non-leaf tensor, which is None: we keep its cost, not its bug).
+- ``pipeline``: ``run_detection`` end to end on a fresh local Ray (read, tokenise, both actor pools, score,
+  prune, commit Parquet). Its time includes the actors' start and model loading; Ray's own start is excluded.
+
+samples/s = instructions scored by both models per second; the timed loop runs `repeats` times after one
+warm-up batch/sample and the fastest repeat is reported (the machine is shared: the fastest is the least
+disturbed). Models are loaded before the clock starts for ``batched`` and ``naive``.
+
+Memory: ``peak RSS`` is ``getrusage(RUSAGE_SELF).ru_maxrss`` of the method's subprocess at the end
+(interpreter, torch, both models and the scoring peak); ``after load`` is its current RSS once the models are
+loaded, before any scoring; their difference bounds the scoring working set from below (it is exact unless
+loading itself peaked higher). For ``pipeline`` the work runs in Ray worker processes, so no single-process
+peak is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+LARGER_TEACHER = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=8,
+                      num_key_value_heads=4)
+LARGER_STUDENT = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2)
+TARGETS = {"tiny": 10.0, "larger": 3.0}  # issue 3: speed-up over the naive loop on 2 CPU cores
+
+
+@dataclass
+class Measurement:
+    pair: str
+    method: str
+    samples: int
+    seconds: float
+    repeats: list[float]
+    peak_rss_mb: float | None
+    loaded_rss_mb: float | None
+    first_scores: dict | None = None
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else float("nan")
+
+
+# --------------------------------------------------------------------------- models and samples
+
+
+def build_pairs(root: Path) -> dict[str, dict[str, str]]:
+    """The tiny pair and the larger random pair (same tokenizer), saved once under `root` and reused."""
+    from leaf_ray.models import make_tiny_model, make_tiny_pair, train_tiny_tokenizer
+
+    pairs = {"tiny": {r: str(root / "tiny" / r) for r in ("teacher", "student")},
+             "larger": {r: str(root / "larger" / r) for r in ("teacher", "student")}}
+    if not all(Path(p).is_dir() for p in pairs["tiny"].values()):
+        make_tiny_pair(root / "tiny")
+    if not all(Path(p).is_dir() for p in pairs["larger"].values()):
+        tok = train_tiny_tokenizer()
+        for role, sizes, seed in (("teacher", LARGER_TEACHER, 0), ("student", LARGER_STUDENT, 1)):
+            make_tiny_model(tok, seed=seed, **sizes).save_pretrained(pairs["larger"][role])
+            tok.save_pretrained(pairs["larger"][role])
+    return pairs
+
+
+def write_samples(path: Path, n: int, seed: int) -> list[dict]:
+    """`n` demo problems in the clean schema (what ingest writes), as JSON for the workers."""
+    from leaf_ray.data.demo_corpus import generate_problems
+
+    rows = [{"sample_id": p["id"], "instruction": p["instruction"], "output": p["output"],
+             "answer": p["answer"], "split": "train", "source": "bench", "row": i}
+            for i, p in enumerate(generate_problems(n, seed))]
+    path.write_text(json.dumps(rows), encoding="utf-8")
+    return rows
+
+
+# --------------------------------------------------------------------------- the two saliency paths
+
+
+def naive_saliency(model, tokenizer, instruction: str, output: str):
+    """The reference release's per-sample step, one model: (scored-token norms, their token strings).
+
+    As the release does: train mode, every parameter requiring grad and accumulating its gradient (never
+    zeroed), the HF `labels` loss over the full logits, the span found by decoding token after token up to
+    `<|im_end|>` after the role line, token strings decoded one by one. The one change: the
+    embedding output keeps its gradient (`retain_grad`), which the release forgot.
+    """
+    import torch
+
+    from leaf_ray.data.chat import render
+
+    model.train()
+    model.requires_grad_(True)
+    rendered = render(tokenizer, instruction, output)
+    ids = torch.tensor([rendered.input_ids])
+    labels = torch.where(torch.tensor([rendered.target_mask]).bool(), ids, torch.full_like(ids, -100))
+    opened = start = end = None
+    for pos, token_id in enumerate(rendered.input_ids):
+        piece = tokenizer.decode([token_id])
+        if piece.strip() == "<|im_start|>" and opened is None:
+            opened = pos
+        elif opened is not None and start is None and "\n" in piece:
+            start = pos + 1  # the instruction starts after the role line
+        elif piece.strip() == "<|im_end|>" and start is not None:
+            end = pos
+            break
+    embeds = model.get_input_embeddings()(ids)
+    embeds.retain_grad()
+    loss = model(inputs_embeds=embeds, attention_mask=torch.ones_like(ids), labels=labels).loss
+    loss.backward()  # HF shifts: logits at t-1 predict label t
+    norms = embeds.grad[0, start:end].norm(dim=-1)
+    tokens = [tokenizer.decode([t]).strip() for t in rendered.input_ids[start:end]]
+    return norms, tokens
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
+
+
+def run_worker(method: str, pair: dict[str, str], samples: list[dict], batch_size: int, repeats: int,
+               threads: int) -> dict:
+    """One method, timed in this process (a fresh subprocess started by `run_bench`)."""
+    import pyarrow as pa
+    import torch
+
+    from leaf_ray.config import ModelRef
+    from leaf_ray.detect.pipeline import SaliencyScorer, cached_tokenizer, tokenise_units
+    from leaf_ray.models import load_model
+
+    torch.set_num_threads(threads)
+    refs = {role: ModelRef(path=pair[role]) for role in ("student", "teacher")}
+    table = pa.Table.from_pylist(samples)
+    response_off = {"enabled": False, "step_pattern": r"\n\s*\n", "num_segments": 3}
+
+    if method == "batched":
+        scorers = [SaliencyScorer(role, refs[role].model_dump(), dtype="float32",
+                                  gradient_checkpointing=False, num_gpus=0, max_memory_per_gpu=None,
+                                  own_tokenizer=False)
+                   for role in ("student", "teacher")]
+        loaded = _rss_mb()
+
+        def run_all(rows: pa.Table) -> pa.Table:
+            outs = []
+            for start in range(0, rows.num_rows, batch_size):
+                units = tokenise_units(rows.slice(start, batch_size), student=refs["student"].model_dump(),
+                                       instruction_level=True, response=response_off, done=frozenset())
+                for scorer in scorers:
+                    units = scorer(units)
+                outs.append(units)
+            return pa.concat_tables(outs)
+
+        run_all(table.slice(0, batch_size))  # warm-up
+        times, result = [], None
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            result = run_all(table)
+            times.append(time.perf_counter() - t0)
+        first = {c: result[c][0].as_py() for c in ("student_grad_norm", "teacher_grad_norm")}
+    elif method == "naive":
+        models = {role: load_model(refs[role]) for role in ("student", "teacher")}
+        tokenizer = cached_tokenizer(refs["student"].model_dump_json())
+        loaded = _rss_mb()
+
+        def run_one(row: dict) -> dict:
+            return {f"{role}_grad_norm": naive_saliency(models[role], tokenizer, row["instruction"],
+                                                        row["output"])[0].tolist()
+                    for role in ("student", "teacher")}
+
+        run_one(samples[0])  # warm-up
+        times, first = [], None
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            results = [run_one(row) for row in samples]
+            times.append(time.perf_counter() - t0)
+            first = results[0]
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    return {"seconds": min(times), "repeats": times, "peak_rss_mb": _peak_rss_mb(), "loaded_rss_mb": loaded,
+            "first_scores": first}
+
+
+def run_pipeline_worker(pair: dict[str, str], samples: list[dict], batch_size: int, workdir: Path) -> dict:
+    """`run_detection` on a fresh local Ray; the clock starts after Ray is up."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from leaf_ray.config import config_from_dict
+    from leaf_ray.detect.pipeline import run_detection
+    from leaf_ray.raycluster import init_ray
+
+    pool = {"batch_size": batch_size, "num_cpus": 0.5}  # 2 cores: 1 CPU left for read/tokenise/commit tasks
+    cfg = config_from_dict({
+        "run": {"name": "pipeline", "root_dir": str(workdir)}, "ray": {"num_cpus": os.cpu_count() or 2},
+        "models": {"teacher": {"path": pair["teacher"]}, "student": {"path": pair["student"]},
+                   "make_tiny_if_missing": False},
+        # One batch per part: the teacher pool starts on a block while the student pool scores the next.
+        "detection": {"student_pool": pool, "teacher_pool": pool, "units_per_part": batch_size}}, "bench")
+    clean = cfg.run.dir / "data" / "clean"
+    clean.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(samples), clean / "part-0.parquet")
+    init_ray(cfg)
+    import ray
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    t0 = time.perf_counter()
+    report = run_detection(cfg)
+    seconds = time.perf_counter() - t0
+    ray.shutdown()
+    if report.scores != len(samples):
+        raise RuntimeError(f"pipeline scored {report.scores} of {len(samples)} samples")
+    return {"seconds": seconds, "repeats": [seconds], "peak_rss_mb": None, "loaded_rss_mb": None,
+            "first_scores": None}
+
+
+# --------------------------------------------------------------------------- the driver
+
+
+def _spawn(args: list[str], timeout_s: float) -> dict:
+    env = dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"),
+               RAY_USAGE_STATS_ENABLED="0", TOKENIZERS_PARALLELISM="false")
+    env.pop("RAY_ADDRESS", None)  # the pipeline method starts its own local instance
+    proc = subprocess.run([sys.executable, "-m", "leaf_ray.bench.detect", *args], env=env,
+                          capture_output=True, text=True, timeout=timeout_s, check=False)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"bench worker {args[:4]} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def run_bench(cfg, console, *, samples: int = 32, batch_size: int | None = None, repeats: int = 2,
+              threads: int | None = None, pairs: tuple[str, ...] = ("tiny", "larger"), pipeline: bool = True,
+              timeout_s: float = 3600) -> list[Measurement]:
+    """Measure every (pair, method), print the table with ratios against the naive loop, return the rows."""
+    root = cfg.run.dir / "bench-detect"
+    root.mkdir(parents=True, exist_ok=True)
+    batch_size = batch_size or cfg.detection.student_pool.batch_size
+    threads = threads or os.cpu_count() or 1
+    model_dirs = build_pairs(root / "models")
+    samples_file = root / "samples.json"
+    write_samples(samples_file, samples, cfg.run.seed)
+    console.print(f"bench detect: {samples} samples, batch {batch_size}, {threads} torch threads, "
+                  f"{repeats} repeats (fastest kept), {os.cpu_count()} CPUs")
+    results: list[Measurement] = []
+    for pair in pairs:
+        methods = ["naive", "batched"] + (["pipeline"] if pipeline else [])
+        for method in methods:
+            console.print(f"  {pair:6s} {method:8s} ...", end="")
+            with tempfile.TemporaryDirectory(dir=root) as work:
+                out = _spawn(["worker", "--method", method, "--student", model_dirs[pair]["student"],
+                              "--teacher", model_dirs[pair]["teacher"], "--samples", str(samples_file),
+                              "--batch-size", str(batch_size), "--repeats", str(repeats),
+                              "--threads", str(threads), "--workdir", work], timeout_s)
+            m = Measurement(pair=pair, method=method, samples=samples, **out)
+            console.print(f" {m.samples_per_s:.2f} samples/s")
+            results.append(m)
+    print_table(console, results)
+    return results
+
+
+def print_table(console, results: list[Measurement]) -> None:
+    import torch
+    from rich.table import Table
+
+    table = Table(title="Stage 1 saliency: this pipeline vs the reference-style loop (teacher + student)")
+    for col in ("pair", "method", "samples/s", "× naive", "peak RSS MB", "RSS after load MB", "target"):
+        table.add_column(col, justify="right" if col not in ("pair", "method") else "left")
+    for m in results:
+        naive = next(r for r in results if r.pair == m.pair and r.method == "naive")
+        ratio = m.samples_per_s / naive.samples_per_s
+        target = ""
+        if m.method == "batched":
+            goal = TARGETS.get(m.pair)
+            target = f"≥{goal:g}× {'met' if ratio >= goal else 'NOT met'}" if goal else ""
+        table.add_row(m.pair, m.method, f"{m.samples_per_s:.2f}", f"{ratio:.1f}×",
+                      f"{m.peak_rss_mb:.0f}" if m.peak_rss_mb else "n/a (Ray workers)",
+                      f"{m.loaded_rss_mb:.0f}" if m.loaded_rss_mb else "n/a", target)
+    console.print(table)
+    for pair in dict.fromkeys(m.pair for m in results):
+        a = next(r for r in results if r.pair == pair and r.method == "batched").first_scores
+        b = next(r for r in results if r.pair == pair and r.method == "naive").first_scores
+        diff = max(float((torch.tensor(a[k]) - torch.tensor(b[k])).abs().max()) for k in a)
+        console.print(f"{pair}: max |g_batched - g_naive| on the first sample = {diff:.2e} (same scores)")
+
+
+def _worker_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="leaf_ray.bench.detect worker")
+    parser.add_argument("--method", required=True, choices=["naive", "batched", "pipeline"])
+    parser.add_argument("--student", required=True)
+    parser.add_argument("--teacher", required=True)
+    parser.add_argument("--samples", required=True)
+    parser.add_argument("--batch-size", type=int, required=True)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--workdir", required=True)
+    args = parser.parse_args(argv)
+    samples = json.loads(Path(args.samples).read_text(encoding="utf-8"))
+    pair = {"student": args.student, "teacher": args.teacher}
+    if args.method == "pipeline":
+        out = run_pipeline_worker(pair, samples, args.batch_size, Path(args.workdir))
+    else:
+        out = run_worker(args.method, pair, samples, args.batch_size, args.repeats, args.threads)
+    sys.stdout.write(json.dumps(out) + "\n")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["worker"]:
+        _worker_main(sys.argv[2:])
+    else:
+        raise SystemExit("usage: leaf-ray bench detect (this module's `worker` mode is internal)")

@@ -1,0 +1,274 @@
+"""`leaf-ray bench distill`: this trainer's step vs a loop mirroring the reference release, side by side.
+
+1. Throughput. On the same rows and models, in one process, after warm-up steps:
+   - *this trainer*: :func:`leaf_ray.distill.trainer.train_step` itself (a DeepSpeed engine, the grouping
+     sampler, dynamic padding, the chunked hybrid KL);
+   - *reference-style loop*: what the LeaF release's distillation does per step: every sequence padded to
+     ``data.max_length``, teacher and student logits over the whole padded batch, the KL computed on the full
+     ``[B, T, V]`` fp32 tensors at once (no chunking), masked afterwards; same optimizer and engine.
+   Reported: steady-state target tokens/s of both and the ratio (target ≥ 3×).
+2. Loss memory. H4's :mod:`leaf_ray.bench.distill_memory`: peak memory of the loss at vocab ≥ 32k and
+   sequence ≥ 2k, chunked vs naive (target ratio ≤ 0.25).
+
+Rows come from ``<run dir>/data/clean`` (+ counterfactuals) when they exist, else from the built-in demo corpus
+with synthetic counterfactuals (:func:`write_synthetic_inputs`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+
+from leaf_ray.config import LeafConfig
+
+# --------------------------------------------------------------------------- inputs
+
+
+def synthetic_counterfactuals(instruction: str, output: str, sample_id: str, split: str,
+                              max_per_sample: int = 2, response_level: bool = True) -> list[dict]:
+    """Counterfactual rows in the Stage 1 schema made without detection (for tests and benches only):
+    instruction level = one sentence (not the last, the question) removed per counterfactual; response level
+    = the first reasoning step's first clause removed, the rest of the response as the continuation."""
+    rows = []
+    sentences = [m.span() for m in re.finditer(r"[^.!?]+[.!?]\s*", instruction)]
+    for k, (a, b) in enumerate(sentences[:-1][:max_per_sample]):
+        rows.append(dict(sample_id=sample_id, scope="instruction", span_index=k, char_start=a, char_end=b,
+                         removed_text=instruction[a:b], instruction=instruction[:a] + instruction[b:],
+                         response_prefix="", output=output, split=split))
+    steps = output.split("\n\n")
+    if response_level and len(steps) >= 2:
+        prefix, continuation = steps[0] + "\n\n", "\n\n".join(steps[1:])
+        cut = prefix.find(" ", len(prefix) // 3)
+        if cut > 0:
+            rows.append(dict(sample_id=sample_id, scope="response:1", span_index=0, char_start=0, char_end=cut,
+                             removed_text=prefix[:cut], instruction=instruction, response_prefix=prefix[cut:],
+                             output=continuation, split=split))
+    return rows
+
+
+def write_synthetic_inputs(run_dir: str | Path, n: int = 24, seed: int = 0, validation: int = 4,
+                           max_chars: int | None = None, response_level: bool = True) -> dict[str, int]:
+    """Write ``data/clean`` and ``detect/counterfactuals`` Parquet under ``run_dir`` from the demo corpus.
+
+    The last ``validation`` samples are the validation split. ``max_chars`` drops problems longer than that
+    (keeps tests' sequences short)."""
+    import pyarrow.parquet as pq
+
+    from leaf_ray.data.demo_corpus import generate_problems
+
+    problems = [p for p in generate_problems(4 * n, seed)
+                if max_chars is None or len(p["instruction"]) + len(p["output"]) <= max_chars][:n]
+    if len(problems) < n:
+        raise ValueError(f"only {len(problems)} demo problems fit max_chars={max_chars}")
+    clean, cfs = [], []
+    for i, p in enumerate(problems):
+        split = "validation" if i >= n - validation else "train"
+        clean.append(dict(sample_id=p["id"], instruction=p["instruction"], output=p["output"], answer=p["answer"],
+                          split=split, source="demo", row=i))
+        cfs += synthetic_counterfactuals(p["instruction"], p["output"], p["id"], split,
+                                         response_level=response_level)
+    run_dir = Path(run_dir)
+    for sub, rows in (("data/clean", clean), ("detect/counterfactuals", cfs)):
+        (run_dir / sub).mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(rows), run_dir / sub / "part-0.parquet")
+    return {"clean": len(clean), "counterfactuals": len(cfs)}
+
+
+def bench_rows(cfg: LeafConfig, tokenizer, scratch: Path, n: int = 64):
+    """Tokenised training rows: the run's own data when present, else the demo corpus + synthetic
+    counterfactuals written under ``scratch``."""
+    from leaf_ray.distill.data import TokenizedRows, load_rows, tokenize_rows
+
+    run_dir = cfg.run.dir
+    if not (run_dir / "data" / "clean").exists():
+        run_dir = scratch
+        write_synthetic_inputs(run_dir, n=n, validation=0, response_level=False)
+    variant = "leaf_instr" if cfg.distill.use_counterfactuals else "kd"
+    if variant == "leaf_instr" and not (run_dir / "detect" / "counterfactuals").exists():
+        variant = "kd"
+    rows, _ = load_rows(run_dir, variant)
+    rows = rows.filter(pa.compute.equal(rows.column("split"), "train"))
+    cols = tokenize_rows(rows.to_pydict(), tokenizer, cfg.data.max_length)
+    return TokenizedRows.from_batches([cols]), str(run_dir), variant
+
+
+# --------------------------------------------------------------------------- the reference-style loop
+
+
+def reference_kl(student_logits, teacher_logits, target_mask, temperature: float):
+    """The reference's cost profile: full ``[B, T, V]`` fp32 log-softmaxes of both models, a KL per position,
+    masked afterwards (the mask here is the correct shifted one; the cost is the same)."""
+    import torch
+
+    s = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    t = torch.log_softmax(teacher_logits[..., : s.shape[-1]].float() / temperature, dim=-1)
+    kl = (t.exp() * (t - s)).sum(-1) * temperature**2  # [B, T]
+    mask = target_mask[:, 1:].float()
+    return (kl[:, :-1] * mask).sum() / mask.sum().clamp_min(1)
+
+
+def reference_step(engine, teacher_model, rows, order, step: int, micro: int, accum: int, max_length: int,
+                   pad_id: int, temperature: float) -> tuple[int, int, float]:
+    """One optimizer step of the reference-style loop: fixed order, every row padded to ``max_length``."""
+    import torch
+
+    t0 = time.perf_counter()
+    targets = real = 0
+    for a in range(accum):
+        start = ((step * accum + a) * micro) % len(order)
+        idx = [order[(start + j) % len(order)] for j in range(micro)]
+        input_ids = torch.full((micro, max_length), pad_id, dtype=torch.long)
+        attention = torch.zeros((micro, max_length), dtype=torch.long)
+        target = torch.zeros((micro, max_length), dtype=torch.long)
+        for b, i in enumerate(idx):
+            n = len(rows.input_ids[i])
+            input_ids[b, :n] = torch.from_numpy(rows.input_ids[i].astype("int64"))
+            attention[b, :n] = 1
+            target[b, :n] = torch.from_numpy(rows.target_mask[i].astype("int64"))
+        target[:, 0] = 0
+        with torch.no_grad():
+            teacher_logits = teacher_model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits
+        student_logits = engine(input_ids=input_ids, attention_mask=attention, use_cache=False).logits
+        loss = reference_kl(student_logits, teacher_logits, target, temperature)
+        engine.backward(loss)
+        engine.step()
+        targets += int(target.sum())
+        real += int(attention.sum())
+    return targets, real, time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------- the bench
+
+
+@dataclass
+class LoopTiming:
+    name: str
+    target_tokens: int = 0
+    seconds: float = 0.0
+    cpu_seconds: float = 0.0
+    real_tokens: int = 0
+    padded_tokens: int = 0
+
+    def add(self, target_tokens: int, seconds: float, cpu_seconds: float, *, real: int, padded: int) -> None:
+        self.target_tokens += target_tokens
+        self.seconds += seconds
+        self.cpu_seconds += cpu_seconds
+        self.real_tokens += real
+        self.padded_tokens += padded
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.target_tokens / self.seconds
+
+    @property
+    def tokens_per_cpu_s(self) -> float:
+        return self.target_tokens / self.cpu_seconds
+
+
+def _init_single_process_group() -> None:
+    """DeepSpeed needs torch.distributed; one local gloo process is enough for a single-rank bench."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+
+
+def time_loops(cfg: LeafConfig, rows, *, steps: int, warmup: int) -> tuple[LoopTiming, LoopTiming]:
+    """Both loops on the same rows and models, each from the same initial student weights.
+
+    Their steps are interleaved (one of ours, one of the reference's, ...) so that a machine whose load changes
+    during the bench slows both alike; wall-clock and process CPU seconds are both recorded."""
+    from leaf_ray.distill.data import plan_epoch
+    from leaf_ray.distill.trainer import accumulation_steps, build_student, build_teacher, train_step
+    from leaf_ray.models import load_tokenizer
+
+    _init_single_process_group()
+    dcfg = cfg.distill
+    micro = dcfg.micro_batch_size
+    accum = accumulation_steps(dcfg.global_batch_size, micro, 1)
+    pad_id = load_tokenizer(cfg.models.student).pad_token_id
+    total = warmup + steps
+    teacher = build_teacher(cfg, 1, accum, "cpu")
+    ours_engine = build_student(cfg, 1, accum, total)
+    ref_engine = build_student(cfg, 1, accum, total, with_loss=False)
+
+    plans: list = []
+    while sum(len(p.steps) for p in plans) < total:
+        plans.append(plan_epoch(rows.group, rows.lengths, seed=cfg.run.seed, epoch=len(plans),
+                                micro_batch_size=micro, accum_steps=accum, bucket_steps=dcfg.bucket_steps))
+    schedule = [(p, s) for p in plans for s in range(len(p.steps))][:total]
+    order = list(range(len(rows)))
+    ours, ref = LoopTiming("this trainer"), LoopTiming("reference-style")
+    for k, (plan, s) in enumerate(schedule):
+        cpu0 = time.process_time()
+        m = train_step(ours_engine, teacher, rows, plan, s, 0, 1, accum, pad_id, dcfg)
+        cpu1 = time.process_time()
+        n, real, sec = reference_step(ref_engine, teacher.model, rows, order, k, micro, accum, cfg.data.max_length,
+                                      pad_id, dcfg.temperature)
+        cpu2 = time.process_time()
+        if k < warmup:
+            continue
+        batches = [mb for slot in plan.steps[s] for mb in slot if mb is not None]
+        ours.add(int(m["target_tokens"]), m["step_seconds"], cpu1 - cpu0,
+                 real=sum(len(rows.input_ids[i]) for mb in batches for i in mb),
+                 padded=sum(max(len(rows.input_ids[i]) for i in mb) * len(mb) for mb in batches))
+        ref.add(n, sec, cpu2 - cpu1, real=real, padded=micro * accum * cfg.data.max_length)
+    return ours, ref
+
+
+def run_distill_bench(cfg: LeafConfig, console, *, steps: int = 6, warmup: int = 2, memory: bool = True) -> dict:
+    """Print (and return) the throughput table and, with ``memory``, the loss peak-memory table."""
+    import tempfile
+
+    from rich.table import Table
+
+    from leaf_ray.distill.trainer import absolute_paths
+    from leaf_ray.models import ensure_tiny_pair, load_tokenizer
+
+    cfg = absolute_paths(cfg)
+    ensure_tiny_pair(cfg)
+    tokenizer = load_tokenizer(cfg.models.student)
+    results: dict = {}
+    with tempfile.TemporaryDirectory(prefix="leaf-ray-bench-") as scratch:
+        rows, source, variant = bench_rows(cfg, tokenizer, Path(scratch))
+        lengths = rows.lengths
+        console.print(f"rows: {len(rows)} ({variant}, from {source}); length mean {lengths.mean():.0f}, max "
+                      f"{lengths.max()}; max_length {cfg.data.max_length}; micro {cfg.distill.micro_batch_size} × "
+                      f"accumulation {cfg.distill.global_batch_size // cfg.distill.micro_batch_size}; "
+                      f"{warmup} warm-up + {steps} timed steps per loop")
+        ours, ref = time_loops(cfg, rows, steps=steps, warmup=warmup)
+    table = Table(title="Stage 2 step throughput (target tokens/s, after warm-up)")
+    for col in ("loop", "target tokens", "wall s", "tokens/s", "CPU s", "tokens/CPU s", "real/padded"):
+        table.add_column(col, justify="left" if col == "loop" else "right")
+    for t in (ours, ref):
+        table.add_row(t.name, str(t.target_tokens), f"{t.seconds:.2f}", f"{t.tokens_per_s:.1f}",
+                      f"{t.cpu_seconds:.2f}", f"{t.tokens_per_cpu_s:.1f}",
+                      f"{t.real_tokens / max(t.padded_tokens, 1):.2f}")
+    ratio = ours.tokens_per_s / ref.tokens_per_s
+    cpu_ratio = ours.tokens_per_cpu_s / ref.tokens_per_cpu_s
+    table.add_row("[bold]ratio[/bold]", "", "", f"[bold]{ratio:.2f}×[/bold]", "", f"{cpu_ratio:.2f}×", "")
+    console.print(table)
+    console.print("this trainer = train_step: grouping sampler, dynamic padding, chunked hybrid KL from the "
+                  "hidden states; reference-style = every row padded to data.max_length, full-vocab fp32 KL on "
+                  "[B, T, V], no chunking; same models, rows, optimizer and DeepSpeed engine; steps interleaved. "
+                  "tokens = target (response) tokens; CPU s = process CPU time (less sensitive to a busy machine).")
+    console.print(f"target ≥ 3×: {'[green]met[/green]' if ratio >= 3 else '[red]not met[/red]'}")
+    results["throughput"] = {"ours_tokens_per_s": ours.tokens_per_s, "reference_tokens_per_s": ref.tokens_per_s,
+                             "ratio": ratio, "cpu_ratio": cpu_ratio}
+    if memory:
+        from leaf_ray.bench import distill_memory
+
+        results["memory"] = distill_memory.run_memory_bench(console)
+    return results
