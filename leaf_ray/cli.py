@@ -300,12 +300,13 @@ def bench_distill(
     steps: Annotated[int, typer.Option(help="Timed optimizer steps per loop (after warm-up).")] = 6,
     warmup: Annotated[int, typer.Option(help="Untimed warm-up steps per loop.")] = 2,
     memory: Annotated[bool, typer.Option(help="Also run the loss peak-memory bench (vocab 32k, seq 2k).")] = True,
+    threads: Annotated[Optional[int], typer.Option(help="torch threads (default: torch's).")] = None,
 ) -> None:
     """This trainer's tokens/s and chunked-loss memory vs the reference-style loop."""
     from leaf_ray.bench.distill import run_distill_bench
 
     cfg = resolve(config, set_)
-    run_distill_bench(cfg, console, steps=steps, warmup=warmup, memory=memory)
+    run_distill_bench(cfg, console, steps=steps, warmup=warmup, memory=memory, threads=threads)
 
 
 @bench_app.command("focus")
