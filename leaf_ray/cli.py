@@ -275,7 +275,8 @@ def bench_detect(
     config: ConfigOpt = None, set_: SetOpt = None,
     samples: Annotated[int, typer.Option(help="Instructions scored by every method.")] = 32,
     batch_size: Annotated[Optional[int], typer.Option(help="Batch size (default: student_pool's).")] = None,
-    repeats: Annotated[int, typer.Option(help="Timed repeats per method; the fastest is kept.")] = 2,
+    rounds: Annotated[int, typer.Option(help="Interleaved rounds (fresh processes); the fastest is kept.")] = 2,
+    repeats: Annotated[int, typer.Option(help="Timed repeats inside each round's process.")] = 1,
     threads: Annotated[Optional[int], typer.Option(help="torch threads (default: all CPUs).")] = None,
     pairs: Annotated[str, typer.Option(help="Comma-separated: tiny, larger.")] = "tiny,larger",
     pipeline: Annotated[bool, typer.Option(help="Also time run_detection end to end on a local Ray.")] = True,
@@ -289,18 +290,20 @@ def bench_detect(
     if unknown or not chosen:
         err_console.print(f"[red]error:[/red] --pairs: unknown pair(s) {unknown}; choose from tiny, larger")
         raise typer.Exit(2)
-    run_bench(cfg, console, samples=samples, batch_size=batch_size, repeats=repeats, threads=threads,
-              pairs=chosen, pipeline=pipeline)
+    run_bench(cfg, console, samples=samples, batch_size=batch_size, rounds=rounds, repeats=repeats,
+              threads=threads, pairs=chosen, pipeline=pipeline)
 
 
 @bench_app.command("distill")
 def bench_distill(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    steps: Annotated[int, typer.Option(help="Timed optimizer steps per loop (after warm-up).")] = 6,
+    steps: Annotated[int, typer.Option(help="Timed optimizer steps per loop (after warm-up).")] = 10,
     warmup: Annotated[int, typer.Option(help="Untimed warm-up steps per loop.")] = 2,
     memory: Annotated[bool, typer.Option(help="Also run the loss peak-memory bench (vocab 32k, seq 2k).")] = True,
-    threads: Annotated[Optional[int], typer.Option(help="torch threads (default: torch's).")] = None,
+    threads: Annotated[int, typer.Option(
+        help="torch threads: 1 = what a Ray Train worker with fractional CPUs runs with (more threads make "
+             "tiny-model timings erratic on a busy machine).")] = 1,
 ) -> None:
     """This trainer's tokens/s and chunked-loss memory vs the reference-style loop."""
     from leaf_ray.bench.distill import run_distill_bench

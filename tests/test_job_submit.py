@@ -45,26 +45,39 @@ def _status(address: str, job_id: str, submitted: subprocess.CompletedProcess) -
 
 
 @pytest.mark.slow
-def test_ray_job_submit_runs_a_stage_on_the_cluster(ray_head, tiny_pair, tmp_path):
+def test_ray_job_submit_runs_the_demo_chain_on_the_cluster(ray_head, tiny_pair, tmp_path):
+    """The demo job (the whole chain: ingest -> detect -> distill -> evaluate -> compare), made small."""
     runs = tmp_path / "runs"
     job_id, done = _submit(ray_head, [
-        "python", "jobs/ingest.py", "--config", "configs/demo.yaml",
+        "python", "jobs/run.py", "--config", "configs/demo.yaml",
         "--set", f"run.root_dir={runs}", "--set", "run.name=submitted",
         "--set", f"models.student.path={tiny_pair['student']}",
         "--set", f"models.teacher.path={tiny_pair['teacher']}",
-        "--set", "models.make_tiny_if_missing=false", "--set", "data.demo.size=12"])
+        "--set", "models.make_tiny_if_missing=false", "--set", "data.demo.size=12",
+        "--set", "pipeline.variants=[leaf_instr]", "--set", "distill.max_steps=2",
+        "--set", "generation.max_new_tokens=8",
+        "--set", "evaluation.benchmarks=[{name: gsm_symbolic, format: gsm_symbolic, limit: 2}]"],
+        timeout_s=1200)
     assert _status(ray_head, job_id, done) == "SUCCEEDED", done.stdout[-4000:] + done.stderr[-4000:]
 
-    # The stage ran inside the job and wrote its outputs where the config said.
+    # Every stage ran inside the job and wrote its outputs where the config said.
     import pyarrow.parquet as pq
 
-    data = runs / "submitted" / "data"
+    run_dir = runs / "submitted"
+    data = run_dir / "data"
     clean = pq.read_table(data / "clean")
     manifest = json.loads((data / "ingest_manifest.json").read_text())
     assert clean.num_rows == manifest["counts"]["clean"] == 12
     assert manifest["counts"]["read"] == 12 and manifest["counts"]["quarantined"] == 0
-    assert set(clean.column("split").to_pylist()) <= {"train", "validation"}
-    assert "jobs/ingest.py: run directory" in done.stdout  # the job's own output reached the submitter
+    stages = {p.stem for p in (run_dir / "_stages").glob("*.json")}
+    assert {"ingest", "detect", "distill-leaf_instr", "evaluate-teacher", "evaluate-pre_kd",
+            "evaluate-leaf_instr"} <= stages, stages
+    scores = pq.read_table(run_dir / "detect" / "scores")
+    assert set(scores.column("sample_id").to_pylist()) == set(clean.column("sample_id").to_pylist())
+    assert (run_dir / "distill" / "leaf_instr" / "model" / "config.json").is_file()
+    table = (run_dir / "comparison.md").read_text()
+    assert "LeaF (Instr)" in table and "Pre-KD" in table and "gsm_symbolic" in table
+    assert "comparison" in done.stdout or "LeaF comparison" in done.stdout  # the job's output reached us
 
 
 @pytest.mark.slow

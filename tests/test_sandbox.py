@@ -125,7 +125,9 @@ HOSTILE = [
      ("import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
       f"if libc.open({str(PROJECT / 'PWNED').encode()!r}, os.O_WRONLY | os.O_CREAT, 0o644) >= 0:\n"
       "    print('ESCAPED')\nraise SystemExit('open failed: ' + os.strerror(ctypes.get_errno()))\n"),
-     {"namespaces": {"blocked"}, "hooks": {"blocked"}}, {"namespaces": "Read-only file system", "hooks": "ctypes"}),
+     # A project under /tmp is not even visible inside the sandbox (its /tmp is private): ENOENT, not EROFS.
+     {"namespaces": {"blocked", "failed"}, "hooks": {"blocked"}},
+     {"namespaces": ("Read-only file system", "No such file or directory"), "hooks": "ctypes"}),
     ("kernel: subprocess with its audit call patched out",
      ("import sys, types\nimport subprocess\n"
       "subprocess.sys = types.SimpleNamespace(**{**vars(sys), 'audit': lambda *args: None})\n"
@@ -148,7 +150,9 @@ def test_hostile_program_is_contained(mode, case, tcp_server, _secret_env_and_pr
 
     assert not result.passed
     assert result.status in statuses.get(mode, statuses.get("*")), result
-    assert result.reason and reasons.get(mode, reasons.get("*", "")) in result.reason, result
+    expected = reasons.get(mode, reasons.get("*", ""))
+    assert result.reason and any(e in result.reason for e in (expected if isinstance(expected, tuple) else
+                                                             (expected,))), result
     assert "ESCAPED" not in result.stdout
     assert result.isolation == mode
     assert not (PROJECT / "PWNED").exists() and not (Path.home() / "PWNED").exists()

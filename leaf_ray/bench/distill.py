@@ -228,9 +228,15 @@ def time_loops(cfg: LeafConfig, rows, *, steps: int, warmup: int) -> tuple[LoopT
     return ours, ref
 
 
-def run_distill_bench(cfg: LeafConfig, console, *, steps: int = 6, warmup: int = 2, memory: bool = True) -> dict:
+def run_distill_bench(cfg: LeafConfig, console, *, steps: int = 10, warmup: int = 2, memory: bool = True,
+                      threads: int | None = 1) -> dict:
     """Print (and return) the throughput table and, with ``memory``, the loss peak-memory table."""
     import tempfile
+
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
 
     from rich.table import Table
 
@@ -247,10 +253,10 @@ def run_distill_bench(cfg: LeafConfig, console, *, steps: int = 6, warmup: int =
         console.print(f"rows: {len(rows)} ({variant}, from {source}); length mean {lengths.mean():.0f}, max "
                       f"{lengths.max()}; max_length {cfg.data.max_length}; micro {cfg.distill.micro_batch_size} × "
                       f"accumulation {cfg.distill.global_batch_size // cfg.distill.micro_batch_size}; "
-                      f"{warmup} warm-up + {steps} timed steps per loop")
+                      f"{warmup} warm-up + {steps} timed steps per loop; {torch.get_num_threads()} torch thread(s)")
         ours, ref = time_loops(cfg, rows, steps=steps, warmup=warmup)
     table = Table(title="Stage 2 step throughput (target tokens/s, after warm-up)")
-    for col in ("loop", "target tokens", "wall s", "tokens/s", "CPU s", "tokens/CPU s", "real/padded"):
+    for col in ("loop", "targets", "wall s", "tok/s", "CPU s", "tok/CPU s", "real/pad"):
         table.add_column(col, justify="left" if col == "loop" else "right")
     for t in (ours, ref):
         table.add_row(t.name, str(t.target_tokens), f"{t.seconds:.2f}", f"{t.tokens_per_s:.1f}",
@@ -263,7 +269,8 @@ def run_distill_bench(cfg: LeafConfig, console, *, steps: int = 6, warmup: int =
     console.print("this trainer = train_step: grouping sampler, dynamic padding, chunked hybrid KL from the "
                   "hidden states; reference-style = every row padded to data.max_length, full-vocab fp32 KL on "
                   "[B, T, V], no chunking; same models, rows, optimizer and DeepSpeed engine; steps interleaved. "
-                  "tokens = target (response) tokens; CPU s = process CPU time (less sensitive to a busy machine).")
+                  "targets / tok = target (response) tokens; CPU s = process CPU time (less sensitive to a busy "
+                  "machine); real/pad = real tokens / tokens after padding.")
     console.print(f"target ≥ 3×: {'[green]met[/green]' if ratio >= 3 else '[red]not met[/red]'}")
     results["throughput"] = {"ours_tokens_per_s": ours.tokens_per_s, "reference_tokens_per_s": ref.tokens_per_s,
                              "ratio": ratio, "cpu_ratio": cpu_ratio}

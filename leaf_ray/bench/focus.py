@@ -93,7 +93,7 @@ def run_focus_bench(cfg: LeafConfig, *, prepare: bool = False, console: "Console
                               "`leaf-ray bench focus --prepare` (trains them once, then they are cached)")
     prepared_info = json.loads(marker.read_text())
     base = bench_config(cfg, root, task_files)
-    seconds = {"prepare (cached or trained)": round(time.monotonic() - started, 1)}
+    seconds = {"prepare (once; cached after)": prepared_info.get("seconds", 0.0)}
 
     # MLflow: one parent run for the benchmark's own numbers (detection quality, heatmaps, settings).
     parent_id = parent_run(base, root)
@@ -255,7 +255,9 @@ def stage(root: Path, name: str, console: "Console", fn: Callable[[], dict], sec
     marker = root / "_stages" / f"{name}.json"
     if marker.is_file():
         console.print(f"[dim]skip {name}: done ({marker})[/dim]")
-        return json.loads(marker.read_text())
+        info = json.loads(marker.read_text())
+        seconds[name] = info.get("seconds", 0.0)
+        return info
     console.rule(f"[bold]{name}")
     t0 = time.monotonic()
     info = fn()
@@ -467,7 +469,8 @@ their counterfactuals, so it takes more steps per epoch than KD).
 The same accuracies are in MLflow (experiment `{cfg.tracking.experiment}`, store `{cfg.tracking.tracking_uri or
 (cfg.run.dir / 'mlflow.db')}`): `leaf-ray compare --config <this config> --experiment {cfg.tracking.experiment}`.
 
-Wall time: {seconds:.0f} s ({timing}).
+Wall time of this invocation: {seconds:.0f} s. Seconds per stage (when it ran; a rerun skips finished stages):
+{timing}.
 """
     path.write_text(text, encoding="utf-8")
     return path

@@ -71,6 +71,7 @@ def prepare_models(focus: "FocusBenchConfig", out_dir: str | Path, *, console: "
         info = json.loads(marker.read_text())
         if info.get("key") == key and (out / "teacher").is_dir() and (out / "student").is_dir():
             return PreparedModels(out / "teacher", out / "student", info, cached=True)
+    started = time.monotonic()
     say = console.print if console is not None else (lambda *a, **k: None)
     recipe = focus.prepare
     torch.set_num_threads(max(1, recipe.torch_threads))
@@ -111,6 +112,7 @@ def prepare_models(focus: "FocusBenchConfig", out_dir: str | Path, *, console: "
         info[role].update(acc)
         say(f"prepare {role}: validation accuracy {100 * acc['accuracy_distractors']:.1f}% with distractors, "
             f"{100 * acc['accuracy_clean']:.1f}% without")
+    info["seconds"] = round(time.monotonic() - started, 1)
     marker.write_text(json.dumps(info, indent=2))
     return PreparedModels(out / "teacher", out / "student", info)
 

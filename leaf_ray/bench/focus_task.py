@@ -2,7 +2,7 @@
 
 Each problem is a one-step arithmetic word problem ("Ann has 7 pens. She buys 3 more pens. How many pens
 does Ann have now?") into which *distractor sentences* are inserted: sentences that carry an irrelevant
-number and another person or object ("Bob has 9 cups.", "Bob is 6 years old."). The answer never depends on
+number and another person or object ("Bob owns 9 cups.", "Bob is 6 years old."). The answer never depends on
 them. Every distractor's character span ``[start, end)`` in the instruction is recorded
 (``instruction[start:end]`` is exactly the distractor sentence, without the separating space), and
 ``clean_instruction`` is the same problem with the distractors left out, so
@@ -46,12 +46,16 @@ SUB_TEMPLATES = [
     "{name} has {a} {obj}. {pron} loses {b} {obj}.",
     "{name} has {a} {obj}. {pron} sells {b} {obj}.",
 ]
+# Irrelevant facts with a number: another person or another object, never the question's entity. Their verbs
+# differ from the problem's (has / buys / finds / gives / loses / sells), so "the number after `has`" and "the
+# number after the change verb" identify the operands for a model that reads the sentence, while a model
+# that learned "the first number, then the second" from clean problems copies the distractor's.
 DISTRACTOR_TEMPLATES = [
-    "{other} has {n} {obj2}.",
     "{other} is {n} years old.",
-    "The shop has {n} {obj2}.",
     "{other} walked {n} miles today.",
     "There are {n} {obj2} on the table.",
+    "{other} owns {n} {obj2}.",
+    "{other} reads {n} pages a day.",
 ]
 QUESTION = "How many {obj} does {name} have now?"
 

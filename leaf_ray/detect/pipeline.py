@@ -433,7 +433,8 @@ def scored_char_offsets(rendered) -> list[tuple[int, int]]:
 
 def tokenise_units(batch: pa.Table, *, student: dict, instruction_level: bool, response: dict,
                    done: frozenset) -> pa.Table:
-    """Samples -> units not yet committed, tokenised with the student's tokenizer and chat template."""
+    """Samples -> units not yet committed, tokenised with the student's tokenizer and chat template, sorted by
+    length within the block."""
     from leaf_ray.data.chat import TemplateError
 
     tokenizer = cached_tokenizer(ModelRef(**student).model_dump_json())
@@ -473,6 +474,7 @@ def tokenise_units(batch: pa.Table, *, student: dict, instruction_level: bool, r
             if reason:
                 row.update(quarantine_stage="tokenise", quarantine_reason=reason)
             rows.append(row)
+    rows.sort(key=lambda r: len(r["input_ids"]))  # neighbours become one actor batch: little padding
     return pa.Table.from_pylist(rows, schema=UNITS_SCHEMA)
 
 

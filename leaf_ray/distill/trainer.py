@@ -358,7 +358,8 @@ def train_worker(config: dict) -> None:
     logger = MetricLogger(config["tracking"]) if rank == 0 else None
     if rank == 0:
         print(f"[leaf-ray distill] rank 0 ready in {time.perf_counter() - t_start:.1f}s: {len(train_rows)} train / "
-              f"{len(val_rows)} validation rows, {total_steps} steps ({per_epoch} per epoch)"
+              f"{len(val_rows)} validation rows, {total_steps} steps ({per_epoch} per epoch), "
+              f"{torch.get_num_threads()} torch thread(s)"
               + (f"; resumed at step {state.step} (epoch {state.epoch}, {state.step_in_epoch} steps into it)"
                  if checkpoint is not None else ""), flush=True)
 
