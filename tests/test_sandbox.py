@@ -52,6 +52,16 @@ def tcp_server():
     server.close()
 
 
+_CHILDREN_BEFORE_TEST: set[int] = set()
+
+
+@pytest.fixture(autouse=True)
+def _children_before_test():
+    _CHILDREN_BEFORE_TEST.clear()
+    _CHILDREN_BEFORE_TEST.update(p.pid for p in psutil.Process().children())
+    yield
+
+
 def _live_processes_of(result: ExecResult) -> list[int]:
     needle = f"LEAF_SANDBOX_RUN={result.run_id}".encode()
     alive = []
@@ -66,7 +76,10 @@ def _live_processes_of(result: ExecResult) -> list[int]:
 
 def _assert_clean_and_still_working(result: ExecResult, mode: str, sandbox_tmp: Path) -> None:
     assert result.run_id and not _live_processes_of(result), f"processes of run {result.run_id} survived"
-    assert not psutil.Process().children(recursive=True), "a sandbox process is still our child"
+    # Direct children only, against the set from before the test: a session-wide Ray instance (ray_local, started
+    # by other test files) also lives under this process; deeper sandbox processes are found by environ above.
+    new_children = {p.pid for p in psutil.Process().children()} - _CHILDREN_BEFORE_TEST
+    assert not new_children, f"a sandbox process is still our child: {new_children}"
     assert list(sandbox_tmp.iterdir()) == [], "the run's temporary directory was not removed"
     assert SECRET not in result.stdout + result.stderr
     normal = run_code("import sys\nprint(sum(int(x) for x in sys.stdin.read().split()))", stdin="1 2 3",
