@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # heavy imports stay lazy so the CLI starts fast
-    import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
     from leaf_ray.config import ModelRef
