@@ -381,6 +381,8 @@ class FocusPrepareConfig(_Section):
     student: FocusStudentSizes = Field(default_factory=FocusStudentSizes,
                                        description="Student architecture (trained on clean problems only).")
     steps: int = Field(1500, ge=1, description="Optimizer steps per model.")
+    teacher_clean_steps: int = Field(
+        0, ge=0, description="Curriculum: the teacher's first steps (of `steps`) on the clean view of its problems.")
     batch_size: int = Field(32, ge=1)
     lr: float = Field(2e-3, gt=0.0, description="One-cycle max learning rate (AdamW).")
     seed: int = Field(0, ge=0, description="Init/shuffle seed (the student uses seed + 1).")

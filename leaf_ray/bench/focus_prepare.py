@@ -8,7 +8,10 @@ The recipe (all numbers are ``bench.focus.prepare.*`` in the config; defaults in
    model directory (``leaf_ray.models.load_tokenizer``): transformers rebuilds the pre-tokenizer from the
    model type on load (Qwen2's splits digits one by one), so that is what every later stage sees.
 2. **Teacher** (Qwen2-style, ``teacher`` sizes: larger) trained on the ``prepare`` problems *with* their
-   distractors (0-2 per problem): it learns to find the numbers that belong to the question.
+   distractors (0-2 per problem): it learns to find the numbers that belong to the question. Curriculum: its
+   first ``teacher_clean_steps`` steps use the clean view (the arithmetic is learnt much faster without
+   distractors; trained with them from the start, a tiny teacher copied the right operands but added wrongly
+   for hundreds of steps), the rest the problems with their distractors.
 3. **Student** (``student`` sizes: smaller) trained on the *same* problems with the distractors left out
    (``clean_instruction``): it never sees a distractor, so it learns "copy the two numbers", which an
    inserted sentence with another number breaks.
@@ -84,6 +87,7 @@ def prepare_models(focus: "FocusBenchConfig", out_dir: str | Path, *, console: "
                   "max_number": focus.max_number, "prepare_size": len(prepare_rows), "vocab": len(tokenizer)}
     roles = {"teacher": (prepare_rows, recipe.teacher.model_dump(), recipe.seed),
              "student": (clean_view(prepare_rows), recipe.student.model_dump(), recipe.seed + 1)}
+    first_steps = {"teacher": min(recipe.teacher_clean_steps, recipe.steps), "student": 0}
     for role, (rows, sizes, seed) in roles.items():
         t0 = time.monotonic()
         model = make_tiny_model(tokenizer, seed=seed, **sizes)
@@ -92,12 +96,15 @@ def prepare_models(focus: "FocusBenchConfig", out_dir: str | Path, *, console: "
         # the in-memory tokenizer can tokenize differently.)
         model.save_pretrained(out / role)
         tokenizer.save_pretrained(out / role)
-        examples = tokenize_examples(load_tokenizer(ModelRef(path=str(out / role))), rows)
+        loaded = load_tokenizer(ModelRef(path=str(out / role)))
+        examples = tokenize_examples(loaded, rows)
+        first = tokenize_examples(loaded, clean_view(rows)) if first_steps[role] else None
         say(f"prepare {role}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
             f"{len(examples)} problems{' (distractors removed)' if role == 'student' else ''}, "
-            f"{recipe.steps} steps")
+            f"{recipe.steps} steps" + (f" (the first {first_steps[role]} on the clean view)" if first_steps[role] else ""))
         losses = train_response_lm(model, examples, pad_id=tokenizer.pad_token_id, steps=recipe.steps,
                                    batch_size=recipe.batch_size, lr=recipe.lr, seed=seed,
+                                   first_examples=first, first_steps=first_steps[role],
                                    log=lambda step, loss, role=role, t0=t0: say(
                                        f"  {role} step {step}: loss {loss:.3f} ({time.monotonic() - t0:.0f} s, "
                                        f"{time.process_time():.0f} s CPU)"),
@@ -131,9 +138,11 @@ def tokenize_examples(tokenizer, rows: list[dict]) -> list[tuple[list[int], list
 
 def train_response_lm(model, examples: list[tuple[list[int], list[int]]], *, pad_id: int, steps: int,
                       batch_size: int, lr: float, seed: int, weight_decay: float = 0.01,
+                      first_examples: list[tuple[list[int], list[int]]] | None = None, first_steps: int = 0,
                       log: Callable[[int, float], None] | None = None, log_every: int = 100) -> list[float]:
     """Plain torch training: shuffled epochs over `examples`, AdamW + OneCycleLR(max_lr=lr), gradient clip 1.0.
     Loss = mean cross-entropy over the label (response) tokens of the batch (HF shifts labels by one).
+    Curriculum: the first `first_steps` of the `steps` draw from `first_examples` instead (one schedule).
     Returns the loss of every step."""
     import torch
 
@@ -144,14 +153,16 @@ def train_response_lm(model, examples: list[tuple[list[int], list[int]]], *, pad
     # OneCycle needs >= 1 warm-up step (pct_start * total >= 2); smoke runs of < 20 steps use its first part.
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(steps, 20),
                                                    pct_start=0.1)
-    order: list[int] = []
+    orders: dict[int, list[int]] = {}
     losses = []
     for step in range(1, steps + 1):
+        pool = first_examples if first_examples is not None and step <= first_steps else examples
+        order = orders.setdefault(id(pool), [])
         if len(order) < batch_size:
-            fresh = list(range(len(examples)))
+            fresh = list(range(len(pool)))
             rng.shuffle(fresh)
             order += fresh
-        batch = [examples[i] for i in order[:batch_size]]
+        batch = [pool[i] for i in order[:batch_size]]
         del order[:batch_size]
         width = max(len(ids) for ids, _ in batch)
         input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
