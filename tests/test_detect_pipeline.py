@@ -302,13 +302,14 @@ def test_killed_run_resumes_without_losing_or_duplicating_a_unit(ray_local, cfg_
     env.pop("RAY_ADDRESS", None)
     log = cfg.run.dir / "killed-run.log"
     with open(log, "w") as log_file:
-        proc = subprocess.Popen([sys.executable, "-m", "leaf_ray.cli", "detect", "--config", str(config_file)],
-                                env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        command = [sys.executable, "-m", "leaf_ray.cli", "detect", "--config", str(config_file)]
+        proc = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     try:
         deadline = time.monotonic() + 600
         while not (out.scores.is_dir() and any(out.scores.glob("*.parquet"))):
-            assert proc.poll() is None, (f"detection exited with {proc.returncode} before committing a part:\n"
-                                         f"{log.read_text()[-3000:]}")
+            assert proc.poll() is None, (f"detection exited with {proc.returncode} before committing a "
+                                         f"part:\n{log.read_text()[-3000:]}")
             assert time.monotonic() < deadline, "no part committed within 600 s"
             time.sleep(0.02)
     finally:

@@ -23,6 +23,7 @@ for a single node, NFS/EFS-style mounts on a cluster), because rename is the com
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -192,7 +193,7 @@ def run_detection(cfg: LeafConfig, *, console: "Console | None" = None) -> Detec
     for d in (paths.scores, paths.counterfactuals, paths.quarantine):
         d.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(paths):
-        check_same_spec(paths, run_spec(cfg, clean_files, len(sample_ids)))
+        check_same_spec(paths, run_spec(cfg, sample_ids))
         recover_interrupted_commits(paths)
         done = committed_units(paths)
         scored_now = 0
@@ -287,14 +288,15 @@ def read_clean_index(cfg: LeafConfig) -> tuple[list[str], set[str]]:
     return files, set(ids.to_pylist())
 
 
-def run_spec(cfg: LeafConfig, clean_files: list[str], n_samples: int) -> dict[str, Any]:
+def run_spec(cfg: LeafConfig, sample_ids: set[str]) -> dict[str, Any]:
     """What determines the output: resuming is only allowed with the same spec. Pools, part size and
-    gradient checkpointing change how fast, not what, so a resume may change them."""
-    detection = cfg.detection.model_dump(mode="json", exclude={"student_pool", "teacher_pool", "units_per_part",
-                                                               "gradient_checkpointing"})
+    gradient checkpointing change how fast, not what, so a resume may change them. The input is identified
+    by its sample ids (re-ingesting the same corpus writes new file names, not new samples)."""
+    speed_only = {"student_pool", "teacher_pool", "units_per_part", "gradient_checkpointing"}
+    detection = cfg.detection.model_dump(mode="json", exclude=speed_only)
+    ids_digest = hashlib.sha256("\n".join(sorted(sample_ids)).encode()).hexdigest()
     return {"detection": detection, "models": cfg.models.model_dump(mode="json"),
-            "input": {"files": [[Path(f).name, Path(f).stat().st_size] for f in clean_files],
-                      "samples": n_samples}}
+            "input": {"samples": len(sample_ids), "sample_ids_sha256": ids_digest}}
 
 
 def check_same_spec(paths: DetectPaths, spec: dict[str, Any]) -> None:
