@@ -498,7 +498,9 @@ def build_student(cfg: LeafConfig, world: int, accum: int, total_steps: int, *, 
     """The student as a DeepSpeed engine with a client AdamW and a warm-up + decay LR schedule.
 
     ``with_loss``: the engine wraps :class:`StudentWithLoss` (the trainer); else the bare LM (benchmarks)."""
-    import deepspeed
+    from leaf_ray.distill.ds_ops import import_deepspeed
+
+    deepspeed = import_deepspeed()
     from transformers import get_scheduler
 
     from leaf_ray.models import load_model
@@ -521,8 +523,7 @@ def build_student(cfg: LeafConfig, world: int, accum: int, total_steps: int, *, 
 
 def build_teacher(cfg: LeafConfig, world: int, accum: int, device):
     """The frozen teacher signal: replicated module, ZeRO-3 partitioned module, or the offline top-k cache."""
-    import deepspeed
-
+    from leaf_ray.distill.ds_ops import import_deepspeed
     from leaf_ray.distill.teacher import OnlineTeacher
     from leaf_ray.models import load_model
 
@@ -541,7 +542,7 @@ def build_teacher(cfg: LeafConfig, world: int, accum: int, device):
     else:
         precision = {"bfloat16": "bf16", "float16": "fp16"}.get(cfg.models.teacher.dtype, "fp32")
         conf = deepspeed_config(cfg, world, accum, zero_stage=3, precision=precision, trains=False)
-        model, _, _, _ = deepspeed.initialize(model=model, config=conf)
+        model, _, _, _ = import_deepspeed().initialize(model=model, config=conf)
         model.eval()
     return OnlineTeacher(model)
 
