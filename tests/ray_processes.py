@@ -125,7 +125,7 @@ def _start_once(args: list[str], env: dict[str, str], temp_dir: str, dashboard_u
 @contextlib.contextmanager
 def private_head(*, num_cpus: int, dashboard: bool = False, extra_args: tuple[str, ...] = (),
                  env: dict[str, str] | None = None, gcs_port: int | None = None,
-                 start_timeout_s: float = 240, attempts: int = 3) -> Iterator[Head]:
+                 start_timeout_s: float = 240, attempts: int = 3, node_ip: str = "127.0.0.1") -> Iterator[Head]:
     """Start a head, wait until it (and, with `dashboard`, its job server) answers, yield, stop it.
 
     `ray start` gives its raylet a fixed 30 s to register with the GCS; on a heavily loaded machine that can
@@ -136,7 +136,12 @@ def private_head(*, num_cpus: int, dashboard: bool = False, extra_args: tuple[st
         # Short temp dir: Ray's socket paths must stay under the 107-byte limit of AF_UNIX.
         temp_dir = tempfile.mkdtemp(prefix="lrray-", dir="/tmp")
         ports = free_ports(9)
-        args = [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs_port or ports[0]}",
+        port = gcs_port or ports[0]
+        # On loopback, and RAY_ADDRESS names it for every process of this cluster: Ray code that looks a
+        # cluster up by itself (Ray Train's placement-group cleaner) otherwise finds two instances on this
+        # machine (this one and the test session's) and gives up.
+        head_env = {**env, "RAY_ADDRESS": f"{node_ip}:{port}"}
+        args = [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", f"--node-ip-address={node_ip}",
                 f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
                 f"--dashboard-agent-listen-port={ports[1]}", f"--dashboard-agent-grpc-port={ports[2]}",
                 f"--metrics-export-port={ports[3]}", f"--runtime-env-agent-port={ports[4]}",
@@ -148,7 +153,7 @@ def private_head(*, num_cpus: int, dashboard: bool = False, extra_args: tuple[st
             dashboard_url = f"http://127.0.0.1:{ports[8]}"
         else:
             args.append("--include-dashboard=false")
-        head, error = _start_once(args, env, temp_dir, dashboard_url, start_timeout_s)
+        head, error = _start_once(args, head_env, temp_dir, dashboard_url, start_timeout_s)
         if error is None:
             break
         errors.append(error)

@@ -103,6 +103,7 @@ def drive(gcs_address: str, pool_json: str, removal_timeout_s: float = 300) -> d
         ray.shutdown()
 
 
+@pytest.mark.timeout(900)
 def test_gpu_like_pool_scales_a_worker_group_from_zero_and_back(tmp_path):
     from ray._private.services import get_node_ip_address
     from ray.autoscaler._private.util import validate_config
@@ -124,7 +125,7 @@ def test_gpu_like_pool_scales_a_worker_group_from_zero_and_back(tmp_path):
     assert pool.ray_resources() == {"CPU": 0.5, "fake_gpu": 1.0}
 
     env = ray_env(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
-    with private_head(num_cpus=1, gcs_port=gcs_port, env=env,
+    with private_head(num_cpus=1, gcs_port=gcs_port, env=env, node_ip=get_node_ip_address(),
                       extra_args=(f"--autoscaling-config={config_file}",)) as head:
         assert head.gcs_address == gcs_address
         driver = subprocess.run([sys.executable, __file__, gcs_address, pool.model_dump_json()],

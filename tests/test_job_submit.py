@@ -45,6 +45,7 @@ def _status(address: str, job_id: str, submitted: subprocess.CompletedProcess) -
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_ray_job_submit_runs_the_demo_chain_on_the_cluster(ray_head, tiny_pair, tmp_path):
     """The demo job (the whole chain: ingest -> detect -> distill -> evaluate -> compare), made small."""
     runs = tmp_path / "runs"
