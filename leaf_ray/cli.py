@@ -114,13 +114,13 @@ def ingest(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 @app.command()
 def detect(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Stage 1: gradient-based confounder detection and span-pruned counterfactuals (Ray Data)."""
-    from leaf_ray.detect.pipeline import DetectionError, GenerationBackendUnavailable, run_detection
+    from leaf_ray.detect.pipeline import DetectionError, run_detection
     from leaf_ray.models import ModelLoadError
 
     cfg = resolve(config, set_)
     try:
         report = run_detection(cfg, console=console)
-    except (DetectionError, GenerationBackendUnavailable, ModelLoadError) as e:
+    except (DetectionError, ModelLoadError) as e:
         from rich.markup import escape
 
         err_console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)

@@ -176,8 +176,12 @@ class DetectionConfig(_Section):
     instruction_level: bool = True
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     gradient_checkpointing: bool = False
-    selection: bool = Field(False, description="Keep only samples the teacher solves and the student does not.")
-    verification: bool = Field(False, description="Keep counterfactuals after which the student is right.")
+    selection: bool = Field(
+        False, description="Stage 1 selection: score only samples the teacher answers correctly and the "
+        "student does not (greedy generation from `generation`; verdicts and reasons in detect/selection/).")
+    verification: bool = Field(
+        False, description="Keep a counterfactual only if the student answers it correctly after pruning; "
+        "the others go to detect/rejected_counterfactuals/ with their reason.")
     student_pool: PoolConfig = Field(default_factory=PoolConfig)
     teacher_pool: PoolConfig = Field(default_factory=PoolConfig)
     units_per_part: int = Field(

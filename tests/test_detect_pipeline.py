@@ -31,7 +31,6 @@ from leaf_ray.detect.pipeline import (
     SCORES_SCHEMA,
     DetectionError,
     DetectPaths,
-    GenerationBackendUnavailable,
     check_local_resources,
     committed_units,
     recover_interrupted_commits,
@@ -104,15 +103,6 @@ def runs_of(mask: list[bool]) -> list[list[int]]:
 
 
 # --------------------------------------------------------------------------- without Ray
-
-
-def test_selection_and_verification_are_refused_until_generation_is_wired(cfg_factory):
-    for key in ("selection", "verification"):
-        cfg = cfg_factory(detection={key: True})
-        with pytest.raises(GenerationBackendUnavailable,
-                           match=rf"detection.{key} needs the generation backend \(issue 5\)"):
-            run_detection(cfg)
-        assert issubclass(GenerationBackendUnavailable, NotImplementedError)
 
 
 def test_missing_clean_data_and_duplicate_ids_are_clear_errors(cfg_factory):

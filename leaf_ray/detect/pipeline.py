@@ -12,6 +12,10 @@ instruction with the loss on the whole response; scope ``response:k`` scores the
 with the loss on the rest (response level). The method itself lives in the pure-torch modules next to this one
 (``saliency``, ``confounders``, ``pruning``, ``response``, ``cross_tokenizer``); this file only moves rows.
 
+With ``detection.selection`` the stream reads only the samples the teacher answers correctly and the student
+does not, judged before scoring; with ``detection.verification`` a post-pass after the last commit keeps the
+counterfactuals the student answers correctly. Both run on the generation backend: ``selection.py``.
+
 Resuming after a kill: every block reaching the last stage is committed as one *part*: its counterfactuals and
 quarantine files are renamed into place first, its scores file last (the commit point; a part with no scores
 row still gets an empty scores file). At start, leftovers of an interrupted commit (``_tmp/`` and parts
@@ -49,10 +53,6 @@ if TYPE_CHECKING:
 
 class DetectionError(RuntimeError):
     """A detection run cannot start or finish (missing input, bad config for this cluster, broken output)."""
-
-
-class GenerationBackendUnavailable(NotImplementedError):
-    """`detection.selection` / `detection.verification` need generation, which is not wired in yet."""
 
 
 # --------------------------------------------------------------------------- schemas (the files on disk)
@@ -128,6 +128,10 @@ class DetectPaths:
 
     scores = property(lambda self: self.root / "scores")
     counterfactuals = property(lambda self: self.root / "counterfactuals")
+    candidates = property(lambda self: self.root / "candidate_counterfactuals")  # before verification
+    rejected = property(lambda self: self.root / "rejected_counterfactuals")
+    selection = property(lambda self: self.root / "selection")
+    selection_teacher = property(lambda self: self.root / "selection_teacher")
     quarantine = property(lambda self: self.root / "quarantine")
     tmp = property(lambda self: self.root / "_tmp")
     manifest = property(lambda self: self.root / "manifest.json")
@@ -152,6 +156,8 @@ class DetectReport:
     seconds: float
     by_scope: dict[str, int] = field(default_factory=dict)
     quarantine_reasons: dict[str, int] = field(default_factory=dict)
+    selection: dict[str, Any] | None = None  # `SelectionSummary.as_dict()` when detection.selection
+    verification: dict[str, Any] | None = None  # `VerificationSummary.as_dict()` when detection.verification
 
     def print(self, console: "Console") -> None:
         from rich.table import Table
@@ -169,6 +175,19 @@ class DetectReport:
                           f"{self.units_this_run} scored now")
         for reason, n in sorted(self.quarantine_reasons.items(), key=lambda kv: -kv[1])[:5]:
             console.print(f"[yellow]quarantined[/yellow] {n} × {reason}")
+        if self.selection:
+            s = self.selection
+            console.print(f"selection: {s['selected']} of {s['samples']} samples scored (teacher right, "
+                          f"student wrong); generated now: teacher {s['teacher_generated_this_run']}, "
+                          f"student {s['student_generated_this_run']}")
+            for reason, n in sorted(s["not_selected"].items(), key=lambda kv: -kv[1]):
+                console.print(f"  not selected {n} × {reason}")
+        if self.verification:
+            v = self.verification
+            console.print(f"verification: {v['verified']} of {v['candidates']} counterfactuals kept (student "
+                          f"right after pruning); generated now: {v['student_generated_this_run']}")
+            for reason, n in sorted(v["rejected"].items(), key=lambda kv: -kv[1]):
+                console.print(f"  rejected {n} × {reason}")
 
 
 # --------------------------------------------------------------------------- the recipe
@@ -179,60 +198,70 @@ def run_detection(cfg: LeafConfig, *, console: "Console | None" = None) -> Detec
     import ray
     import ray.data
 
+    from leaf_ray.detect.selection import keep_rows, run_selection, run_verification
     from leaf_ray.raycluster import init_ray
 
     started = time.monotonic()
     det = cfg.detection
-    check_generation_options(cfg)
     if not det.instruction_level and not det.response.enabled:
         raise DetectionError("nothing to score: detection.instruction_level and detection.response.enabled "
                              "are both false")
     clean_files, sample_ids = read_clean_index(cfg)
     same_tokenizer = tokenizers_match(cfg.models.student, cfg.models.teacher)
     paths = DetectPaths.of(cfg)
-    for d in (paths.scores, paths.counterfactuals, paths.quarantine):
+    stream_cf_dir = paths.candidates if det.verification else paths.counterfactuals
+    for d in (paths.scores, stream_cf_dir, paths.quarantine):
         d.mkdir(parents=True, exist_ok=True)
-    with exclusive_lock(paths):
+    with exclusive_lock(paths), ray_progress_bars_off(console):
         check_same_spec(paths, run_spec(cfg, sample_ids))
-        recover_interrupted_commits(paths)
+        recover_interrupted_commits(paths, verification=det.verification)
         done = committed_units(paths)
-        scored_now = 0
-        if not paths.manifest.exists():  # the manifest is written last: without it the run is unfinished
+        scored_now, selection, verification = 0, None, None
+        target_ids = sample_ids
+        if det.selection:  # verdicts already committed are reused; only the rest is generated
+            selection = run_selection(cfg, paths, clean_files, sample_ids, console=console)
+            target_ids = selection.selected_ids
+            if not target_ids:
+                reasons = ", ".join(f"{r}: {n}" for r, n in sorted(selection.not_selected.items()))
+                raise DetectionError(
+                    f"detection.selection kept no sample: none of the {len(sample_ids)} samples is answered "
+                    f"correctly by the teacher and wrongly by the student ({reasons}); the verdicts are in "
+                    f"{paths.selection}")
+        # The manifest is written last: without it the run is unfinished. A run killed after the last unit
+        # (e.g. during verification) starts no saliency pool again.
+        if not paths.manifest.exists() and not all_units_committed(cfg, clean_files, target_ids, done):
             init_ray(cfg)
             check_local_resources(cfg, ray.cluster_resources())
-            data_context = ray.data.DataContext.get_current()
-            ray_progress_bars = data_context.enable_progress_bars
-            data_context.enable_progress_bars = ray_progress_bars and console is None  # ours replace them
-            try:
-                samples = ray.data.read_parquet(clean_files, columns=CLEAN_COLUMNS)
-                if det.selection:
-                    samples = select_samples(cfg, samples)
-                units = samples.map_batches(tokenise_units, batch_format="pyarrow", fn_kwargs={
-                    "student": cfg.models.student.model_dump(), "instruction_level": det.instruction_level,
-                    "response": det.response.model_dump(), "done": done})
-                # Small blocks stream: the teacher starts while the student works, and each block is one part.
-                units = units.repartition(target_num_rows_per_block=det.units_per_part)
-                for role, pool in (("student", det.student_pool), ("teacher", det.teacher_pool)):
-                    units = units.map_batches(SaliencyScorer, batch_format="pyarrow", fn_constructor_kwargs={
-                        "role": role, "model": getattr(cfg.models, role).model_dump(), "dtype": det.dtype,
-                        "gradient_checkpointing": det.gradient_checkpointing, "num_gpus": pool.num_gpus,
-                        "max_memory_per_gpu": pool.max_memory_per_gpu,
-                        "own_tokenizer": role == "teacher" and not same_tokenizer},
-                        **pool.map_batches_kwargs())
-                results = units.map_batches(score_and_prune, batch_format="pyarrow",
-                                            fn_kwargs={"threshold": det.threshold, "pruning": det.pruning})
-                if det.verification:
-                    results = verify_counterfactuals(cfg, results)
-                commits = results.map_batches(commit_part, batch_format="pyarrow",
-                                              fn_kwargs={"root": str(paths.root)})
-                estimated = estimate_units(cfg, len(sample_ids), len(done))
-                scored_now = drain_with_progress(commits, estimated, console)
-            finally:
-                data_context.enable_progress_bars = ray_progress_bars
+            samples = ray.data.read_parquet(clean_files, columns=CLEAN_COLUMNS)
+            if det.selection:
+                samples = samples.map_batches(keep_rows, batch_format="pyarrow",
+                                              fn_kwargs={"sample_ids": target_ids})
+            units = samples.map_batches(tokenise_units, batch_format="pyarrow", fn_kwargs={
+                "student": cfg.models.student.model_dump(), "instruction_level": det.instruction_level,
+                "response": det.response.model_dump(), "done": done})
+            # Small blocks stream: the teacher starts while the student works, and each block is one part.
+            units = units.repartition(target_num_rows_per_block=det.units_per_part)
+            for role, pool in (("student", det.student_pool), ("teacher", det.teacher_pool)):
+                units = units.map_batches(SaliencyScorer, batch_format="pyarrow", fn_constructor_kwargs={
+                    "role": role, "model": getattr(cfg.models, role).model_dump(), "dtype": det.dtype,
+                    "gradient_checkpointing": det.gradient_checkpointing, "num_gpus": pool.num_gpus,
+                    "max_memory_per_gpu": pool.max_memory_per_gpu,
+                    "own_tokenizer": role == "teacher" and not same_tokenizer},
+                    **pool.map_batches_kwargs())
+            results = units.map_batches(score_and_prune, batch_format="pyarrow",
+                                        fn_kwargs={"threshold": det.threshold, "pruning": det.pruning})
+            commits = results.map_batches(commit_part, batch_format="pyarrow", fn_kwargs={
+                "root": str(paths.root), "counterfactuals_dir": stream_cf_dir.name})
+            estimated = estimate_units(cfg, len(target_ids), len(done))
+            scored_now = drain_with_progress(commits, estimated, console)
+        if det.verification:  # a post-pass over the committed candidates (module docstring of selection.py)
+            verification = run_verification(cfg, paths, clean_files, console=console)
 
         report, committed_ids = summarize(paths, n_input=len(sample_ids), units_resumed=len(done),
                                           units_this_run=scored_now, seconds=time.monotonic() - started)
-        missing = sample_ids - committed_ids
+        report.selection = selection.as_dict() if selection else None
+        report.verification = verification.as_dict() if verification else None
+        missing = target_ids - committed_ids
         if missing:
             raise DetectionError(f"{paths.root}: {len(missing)} input samples have no committed unit, e.g. "
                                  f"{sorted(missing)[:5]}")
@@ -240,28 +269,21 @@ def run_detection(cfg: LeafConfig, *, console: "Console | None" = None) -> Detec
     return report
 
 
+@contextmanager
+def ray_progress_bars_off(console: "Console | None"):
+    """Ray Data's own progress bars off while ours (a console) show; restored afterwards."""
+    import ray.data
+
+    data_context = ray.data.DataContext.get_current()
+    ray_progress_bars = data_context.enable_progress_bars
+    data_context.enable_progress_bars = ray_progress_bars and console is None
+    try:
+        yield
+    finally:
+        data_context.enable_progress_bars = ray_progress_bars
+
+
 # --------------------------------------------------------------------------- before anything runs
-
-
-def check_generation_options(cfg: LeafConfig) -> None:
-    """Refuse, up front, options that need the generation backend (issue 5) until it is wired in here."""
-    for key in ("selection", "verification"):
-        if getattr(cfg.detection, key):
-            raise GenerationBackendUnavailable(
-                f"detection.{key} needs the generation backend (issue 5), which the detection pipeline does "
-                f"not call yet; set detection.{key}=false")
-
-
-def select_samples(cfg: LeafConfig, samples: "ray.data.Dataset") -> "ray.data.Dataset":
-    """Hook for the paper's Stage 1 selection: keep samples the teacher answers correctly and the student
-    does not. Wire to the generation backend (issue 5); `run_detection` calls it before tokenising."""
-    raise GenerationBackendUnavailable("detection.selection needs the generation backend (issue 5)")
-
-
-def verify_counterfactuals(cfg: LeafConfig, results: "ray.data.Dataset") -> "ray.data.Dataset":
-    """Hook for the paper's verification: keep a counterfactual only if the student answers it correctly.
-    Wire to the generation backend (issue 5); it filters the `counterfactuals` list of each result row."""
-    raise GenerationBackendUnavailable("detection.verification needs the generation backend (issue 5)")
 
 
 def read_clean_index(cfg: LeafConfig) -> tuple[list[str], set[str]]:
@@ -295,8 +317,15 @@ def run_spec(cfg: LeafConfig, sample_ids: set[str]) -> dict[str, Any]:
     speed_only = {"student_pool", "teacher_pool", "units_per_part", "gradient_checkpointing"}
     detection = cfg.detection.model_dump(mode="json", exclude=speed_only)
     ids_digest = hashlib.sha256("\n".join(sorted(sample_ids)).encode()).hexdigest()
-    return {"detection": detection, "models": cfg.models.model_dump(mode="json"),
+    spec = {"detection": detection, "models": cfg.models.model_dump(mode="json"),
             "input": {"samples": len(sample_ids), "sample_ids_sha256": ids_digest}}
+    if cfg.detection.selection or cfg.detection.verification:
+        # The verdicts depend on how the models answer and how answers are judged (not on the pool size).
+        spec["judging"] = {
+            "generation": cfg.generation.model_dump(mode="json", exclude={"pool"}), "seed": cfg.run.seed,
+            "code": cfg.evaluation.model_dump(mode="json", include={"code_timeout_s", "code_memory_mb",
+                                                                    "code_max_processes", "code_isolation"})}
+    return spec
 
 
 def check_same_spec(paths: DetectPaths, spec: dict[str, Any]) -> None:
@@ -364,16 +393,22 @@ def exclusive_lock(paths: DetectPaths):
         os.close(fd)  # closing the descriptor releases the lock
 
 
-def recover_interrupted_commits(paths: DetectPaths) -> int:
-    """Delete what a killed run left half-written: `_tmp/` and parts without a scores file (the commit)."""
+def recover_interrupted_commits(paths: DetectPaths, *, verification: bool = False) -> int:
+    """Delete what a killed run left half-written: `_tmp/` and parts without a scores file (the commit);
+    with verification, the stream's counterfactuals are the candidates, and a rejected-counterfactuals file
+    without its counterfactuals file (the verification commit) goes too."""
     shutil.rmtree(paths.tmp, ignore_errors=True)
-    committed = {p.stem for p in paths.scores.glob("*.parquet")}
     removed = 0
-    for d in (paths.counterfactuals, paths.quarantine):
-        for p in d.glob("*.parquet"):
-            if p.stem not in committed:
-                p.unlink()
-                removed += 1
+    pairs = [((paths.candidates if verification else paths.counterfactuals, paths.quarantine), paths.scores)]
+    if verification:
+        pairs.append(((paths.rejected,), paths.counterfactuals))
+    for dependents, commit_dir in pairs:
+        committed = {p.stem for p in commit_dir.glob("*.parquet")}
+        for d in dependents:
+            for p in d.glob("*.parquet"):
+                if p.stem not in committed:
+                    p.unlink()
+                    removed += 1
     return removed
 
 
@@ -406,6 +441,25 @@ def plan_units(instruction: str, output: str, *, instruction_level: bool,
             units.append(("response", "", output))
         units += [(f"response:{k}", prefix, rest) for k, (prefix, rest) in enumerate(pairs, start=1)]
     return units
+
+
+def all_units_committed(cfg: LeafConfig, clean_files: list[str], sample_ids: set[str],
+                        done: frozenset) -> bool:
+    """Whether every unit `plan_units` makes of `sample_ids` is already in `done` (read on the driver, a
+    batch at a time; only on a resume, when `done` is not empty)."""
+    if not done:
+        return False
+    response = cfg.detection.response.model_dump()
+    for f in clean_files:
+        for batch in pq.ParquetFile(f).iter_batches(columns=["sample_id", "instruction", "output"]):
+            for row in batch.to_pylist():
+                if row["sample_id"] not in sample_ids:
+                    continue
+                units = plan_units(row["instruction"] or "", row["output"] or "",
+                                   instruction_level=cfg.detection.instruction_level, response=response)
+                if any((row["sample_id"], scope) not in done for scope, _, _ in units):
+                    return False
+    return True
 
 
 def estimate_units(cfg: LeafConfig, n_samples: int, n_done: int) -> int:
@@ -616,9 +670,10 @@ def score_and_prune(batch: pa.Table, *, threshold, pruning: str) -> pa.Table:
 # --------------------------------------------------------------------------- commit (CPU tasks)
 
 
-def commit_part(batch: pa.Table, *, root: str) -> pa.Table:
-    """Write one block as part `<uuid>` of scores/, counterfactuals/, quarantine/; scores last = committed.
-    Returns one summary row for the progress display."""
+def commit_part(batch: pa.Table, *, root: str, counterfactuals_dir: str = "counterfactuals") -> pa.Table:
+    """Write one block as part `<uuid>` of scores/, counterfactuals/ (or `counterfactuals_dir`: the candidates
+    when verification follows), quarantine/; scores last = committed. Returns one summary row for the
+    progress display."""
     paths = DetectPaths(Path(root))
     rows = batch.to_pylist()
     if not rows:  # every unit of this block was committed by an earlier run
@@ -637,10 +692,11 @@ def commit_part(batch: pa.Table, *, root: str) -> pa.Table:
     stem = f"part-{uuid.uuid4().hex}"
     staging = paths.tmp / stem
     staging.mkdir(parents=True)
+    dirs = {"counterfactuals": counterfactuals_dir, "quarantine": "quarantine", "scores": "scores"}
     for kind in ("counterfactuals", "quarantine", "scores"):  # scores last: the commit point
         if kind == "scores" or tables[kind].num_rows:
             pq.write_table(tables[kind], staging / f"{kind}.parquet")
-            os.replace(staging / f"{kind}.parquet", paths.root / kind / f"{stem}.parquet")
+            os.replace(staging / f"{kind}.parquet", paths.root / dirs[kind] / f"{stem}.parquet")
     staging.rmdir()
     summary = {"units": len(rows), "scores": len(kept), "counterfactuals": tables["counterfactuals"].num_rows,
                "quarantined": tables["quarantine"].num_rows, "spans": sum(len(r["spans"]) for r in kept)}
@@ -650,8 +706,10 @@ def commit_part(batch: pa.Table, *, root: str) -> pa.Table:
 # --------------------------------------------------------------------------- progress, summary, manifest
 
 
-def drain_with_progress(commits: "ray.data.Dataset", estimated_units: int, console: "Console | None") -> int:
-    """Run the pipeline to the end, showing committed units per second and the ETA; returns the units."""
+def drain_with_progress(commits: "ray.data.Dataset", estimated_units: int, console: "Console | None", *,
+                        label: str = "detect", info=None) -> int:
+    """Run the pipeline to the end, showing committed units per second and the ETA; returns the units.
+    `info(totals)` is the text after the bar (default: counterfactuals and quarantined so far)."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -666,15 +724,19 @@ def drain_with_progress(commits: "ray.data.Dataset", estimated_units: int, conso
         def render(self, task) -> Text:
             return Text(f"{task.completed / task.elapsed if task.elapsed else 0.0:.2f} rows/s")
 
+    def detect_info(totals: Counter) -> str:
+        return f"cf {totals['counterfactuals']} q {totals['quarantined']}"
+
+    info = info or detect_info
     totals: Counter = Counter()
-    with Progress(TextColumn("detect"), BarColumn(bar_width=24), MofNCompleteColumn(), RateColumn(),
+    with Progress(TextColumn(label), BarColumn(bar_width=24), MofNCompleteColumn(), RateColumn(),
                   TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
                   console=console, disable=console is None) as progress:
-        task = progress.add_task("detect", total=estimated_units, info="")
+        task = progress.add_task(label, total=estimated_units, info="")
         for part in commits.iter_rows():
             totals.update(part)
             progress.update(task, advance=part["units"], total=max(estimated_units, totals["units"]),
-                            info=f"cf {totals['counterfactuals']} q {totals['quarantined']}")
+                            info=info(totals))
         progress.update(task, total=totals["units"])
     return totals["units"]
 
@@ -717,13 +779,16 @@ def write_manifest(cfg: LeafConfig, paths: DetectPaths, report: DetectReport, cl
         "packages": package_versions(),
         "git_commit": git_commit(),
         "inputs": {"clean_files": clean_files, "samples": report.samples_in},
-        "outputs": {k: str(getattr(paths, k)) for k in ("scores", "counterfactuals", "quarantine")},
+        "outputs": {k: str(getattr(paths, k)) for k in ("scores", "counterfactuals", "quarantine")
+                    + (("selection",) if report.selection else ())
+                    + (("candidates", "rejected") if report.verification else ())},
         "same_tokenizer": same_tokenizer,
         "counts": {
             "samples_in": report.samples_in, "samples_out": report.samples_out, "units": report.units,
             "scores": report.scores, "by_scope": report.by_scope, "spans": report.spans,
             "counterfactuals": report.counterfactuals, "quarantined": report.quarantined,
             "quarantine_reasons": report.quarantine_reasons,
+            "selection": report.selection, "verification": report.verification,
         },
         "last_run": {"units_scored": report.units_this_run, "units_resumed": report.units_resumed,
                      "seconds": round(report.seconds, 3)},
