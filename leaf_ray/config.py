@@ -367,13 +367,13 @@ class FocusStudentSizes(_Section):
 
 
 class FocusTeacherSizes(FocusStudentSizes):
-    """Teacher architecture of `leaf-ray bench focus --prepare` (larger than the student)."""
+    """Teacher architecture of `leaf-ray bench focus --prepare` (wider than the student)."""
 
-    hidden_size: int = Field(256, ge=64)
-    intermediate_size: int = Field(512, ge=64)
-    num_hidden_layers: int = Field(4, ge=1)
-    num_attention_heads: int = Field(4, ge=1)
-    num_key_value_heads: int = Field(4, ge=1)
+    hidden_size: int = Field(192, ge=64)
+    intermediate_size: int = Field(384, ge=64)
+    num_hidden_layers: int = Field(2, ge=1)
+    num_attention_heads: int = Field(3, ge=1)
+    num_key_value_heads: int = Field(3, ge=1)
 
 
 class FocusPrepareConfig(_Section):
@@ -386,11 +386,11 @@ class FocusPrepareConfig(_Section):
                                        description="Student architecture (trained on clean problems only).")
     steps: int = Field(1500, ge=1, description="Optimizer steps per model.")
     teacher_clean_steps: int = Field(
-        0, ge=0, description="Curriculum: the teacher's first steps (of `steps`) on the clean view of its problems.")
+        500, ge=0, description="Curriculum: the teacher's first steps (of `steps`) on the clean view of its problems.")
     batch_size: int = Field(32, ge=1)
     lr: float = Field(2e-3, gt=0.0, description="One-cycle max learning rate (AdamW).")
     seed: int = Field(0, ge=0, description="Init/shuffle seed (the student uses seed + 1).")
-    torch_threads: int = Field(2, ge=1)
+    torch_threads: int = Field(2, ge=1, description="torch threads while training (speed only: not part of the cache key).")
     check_size: int = Field(200, ge=1, description="Validation problems for the prepared models' accuracy check.")
 
 
