@@ -390,7 +390,7 @@ class FocusPrepareConfig(_Section):
     batch_size: int = Field(32, ge=1)
     lr: float = Field(2e-3, gt=0.0, description="One-cycle max learning rate (AdamW).")
     seed: int = Field(0, ge=0, description="Init/shuffle seed (the student uses seed + 1).")
-    torch_threads: int = Field(2, ge=1, description="torch threads while training (speed only: not part of the cache key).")
+    torch_threads: int = Field(2, ge=1, description="torch threads while training (part of the cache key: it changes float sums).")
     check_size: int = Field(200, ge=1, description="Validation problems for the prepared models' accuracy check.")
 
 
