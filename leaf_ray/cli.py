@@ -34,11 +34,6 @@ def resolve(config: str | None, overrides: list[str] | None) -> LeafConfig:
         raise typer.Exit(2) from None
 
 
-def not_implemented(verb: str, issue: str) -> None:
-    err_console.print(f"[yellow]`leaf-ray {verb}` is not implemented yet[/yellow] ({issue}).")
-    raise typer.Exit(3)
-
-
 # --------------------------------------------------------------------------- config
 
 

@@ -31,17 +31,6 @@ def _verbs(group=ROOT, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ..
 VERBS = _verbs()
 
 
-def _starts_with_not_implemented(cmd) -> bool:
-    """True when the verb's body (after its docstring) is a `not_implemented(...)` call and nothing else
-    runs before it, so invoking it is safe and must fail."""
-    body = ast.parse(textwrap.dedent(inspect.getsource(cmd.callback))).body[0].body
-    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
-        body = body[1:]
-    first = body[0] if body else None
-    return (isinstance(first, ast.Expr) and isinstance(first.value, ast.Call)
-            and getattr(first.value.func, "id", None) == "not_implemented")
-
-
 def test_expected_verbs_exist():
     names = {" ".join(p) for p, _ in VERBS}
     assert {"config show", "config reference", "models make-tiny", "models check", "ingest", "detect",
@@ -63,29 +52,16 @@ def test_every_verb_has_help(path):
     assert "Usage" in result.output and len(result.output.strip().splitlines()) > 2
 
 
-def _placeholder_args(cmd) -> list[str]:
-    args = []
-    for param in cmd.params:
-        if param.required and param.param_type_name == "argument":
-            args.append("x")
-        elif param.required and param.param_type_name == "option":
-            args += [param.opts[0], "x"]
-    return args
-
-
 @pytest.mark.parametrize("path", [p for p, _ in VERBS], ids=[" ".join(p) for p, _ in VERBS])
-def test_no_verb_pretends_to_work(path, tmp_path, monkeypatch):
-    """A verb whose body is `not_implemented(...)` says so, exits non-zero and does nothing. Implemented
-    verbs (read from the code, as other issues fill them in) would start real work here: their own tests
-    run them; this test only checks their `--help` (above)."""
+def test_no_verb_is_a_placeholder(path):
+    """Every verb's body does more than a docstring and a placeholder call (its own tests run it for real)."""
     cmd = dict(VERBS)[path]
-    if not _starts_with_not_implemented(cmd):
-        return
-    monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(app, [*path, *_placeholder_args(cmd)])
-    assert result.exit_code != 0
-    assert "not implemented" in result.output
-    assert not list(tmp_path.iterdir())  # it did nothing
+    body = ast.parse(textwrap.dedent(inspect.getsource(cmd.callback))).body[0].body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]
+    calls = {getattr(n.func, "id", getattr(n.func, "attr", None)) for n in ast.walk(ast.Module(body, []))
+             if isinstance(n, ast.Call)}
+    assert body and not isinstance(body[0], ast.Pass) and "not_implemented" not in calls
 
 
 def test_config_reference_prints_the_table():
