@@ -47,6 +47,8 @@ import pyarrow.parquet as pq
 from leaf_ray.config import LeafConfig, ModelRef
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     import ray.data
     from rich.console import Console
 
@@ -358,22 +360,25 @@ def cached_tokenizer(ref_json: str):
     return load_tokenizer(ModelRef.model_validate_json(ref_json))
 
 
-def check_local_resources(cfg: LeafConfig, cluster: dict[str, float]) -> None:
-    """On a local instance (no autoscaler), both pools' minimum actors plus one CPU for the read, tokenise,
-    score and commit tasks must fit, else Ray Data waits forever (ENVIRONMENT.md, deadlock trap)."""
+def check_local_resources(cfg: LeafConfig, cluster: dict[str, float], pools: dict | None = None) -> None:
+    """On a local instance (no autoscaler), the pools' minimum actors plus one CPU for the read, tokenise,
+    score and commit tasks must fit, else Ray Data waits forever (ENVIRONMENT.md, deadlock trap). `pools`:
+    config key -> PoolConfig of the pools alive together (default: both saliency pools)."""
     if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
         return  # a cluster may autoscale to fit
+    if pools is None:
+        pools = {"detection.student_pool": cfg.detection.student_pool,
+                 "detection.teacher_pool": cfg.detection.teacher_pool}
     need: Counter = Counter({"CPU": 1.0})
-    for pool in (cfg.detection.student_pool, cfg.detection.teacher_pool):
+    for pool in pools.values():
         for name, amount in pool.ray_resources().items():
             need[name] += amount * pool.min_actors
     short = {k: (v, cluster.get(k, 0.0)) for k, v in need.items() if v > cluster.get(k, 0.0) + 1e-9}
     if short:
         what = ", ".join(f"{k}: need {v:g}, have {h:g}" for k, (v, h) in short.items())
         raise DetectionError(
-            f"the local Ray instance cannot hold both saliency pools plus 1 CPU for data tasks ({what}); "
-            "lower detection.student_pool / teacher_pool num_cpus, num_gpus or min_actors, or raise "
-            "ray.num_cpus")
+            f"the local Ray instance cannot hold {' + '.join(pools)} plus 1 CPU for data tasks ({what}); "
+            "lower their num_cpus, num_gpus or min_actors, or raise ray.num_cpus")
 
 
 # --------------------------------------------------------------------------- resume bookkeeping
@@ -450,15 +455,13 @@ def all_units_committed(cfg: LeafConfig, clean_files: list[str], sample_ids: set
     if not done:
         return False
     response = cfg.detection.response.model_dump()
-    for f in clean_files:
-        for batch in pq.ParquetFile(f).iter_batches(columns=["sample_id", "instruction", "output"]):
-            for row in batch.to_pylist():
-                if row["sample_id"] not in sample_ids:
-                    continue
-                units = plan_units(row["instruction"] or "", row["output"] or "",
-                                   instruction_level=cfg.detection.instruction_level, response=response)
-                if any((row["sample_id"], scope) not in done for scope, _, _ in units):
-                    return False
+    for row in iter_rows(clean_files, ["sample_id", "instruction", "output"]):
+        if row["sample_id"] not in sample_ids:
+            continue
+        units = plan_units(row["instruction"] or "", row["output"] or "",
+                           instruction_level=cfg.detection.instruction_level, response=response)
+        if any((row["sample_id"], scope) not in done for scope, _, _ in units):
+            return False
     return True
 
 
@@ -689,18 +692,34 @@ def commit_part(batch: pa.Table, *, root: str, counterfactuals_dir: str = "count
             schema=QUARANTINE_SCHEMA),
         "scores": pa.Table.from_pylist(kept, schema=SCORES_SCHEMA),
     }
-    stem = f"part-{uuid.uuid4().hex}"
-    staging = paths.tmp / stem
-    staging.mkdir(parents=True)
-    dirs = {"counterfactuals": counterfactuals_dir, "quarantine": "quarantine", "scores": "scores"}
-    for kind in ("counterfactuals", "quarantine", "scores"):  # scores last: the commit point
-        if kind == "scores" or tables[kind].num_rows:
-            pq.write_table(tables[kind], staging / f"{kind}.parquet")
-            os.replace(staging / f"{kind}.parquet", paths.root / dirs[kind] / f"{stem}.parquet")
-    staging.rmdir()
+    commit_tables(paths, [(paths.root / counterfactuals_dir, tables["counterfactuals"]),
+                          (paths.quarantine, tables["quarantine"]),
+                          (paths.scores, tables["scores"])],  # scores last: the commit point
+                  skip_empty_but_last=True)
     summary = {"units": len(rows), "scores": len(kept), "counterfactuals": tables["counterfactuals"].num_rows,
                "quarantined": tables["quarantine"].num_rows, "spans": sum(len(r["spans"]) for r in kept)}
     return pa.table({k: pa.array([v], pa.int64()) for k, v in summary.items()})
+
+
+def commit_tables(paths: DetectPaths, tables: list[tuple[Path, pa.Table]], *,
+                  skip_empty_but_last: bool = False) -> None:
+    """Write each table as part `<uuid>` of its directory: under `_tmp/` first, then renamed into place in
+    order (the last rename is the commit point; `recover_interrupted_commits` undoes a partial one)."""
+    stem = f"part-{uuid.uuid4().hex}"
+    paths.tmp.mkdir(parents=True, exist_ok=True)
+    for i, (directory, table) in enumerate(tables):
+        if skip_empty_but_last and not table.num_rows and i < len(tables) - 1:
+            continue
+        staging = paths.tmp / f"{stem}.{directory.name}.parquet"
+        pq.write_table(table, staging)
+        os.replace(staging, directory / f"{stem}.parquet")
+
+
+def iter_rows(files: list[str], columns: list[str]) -> Iterator[dict]:
+    """Rows of Parquet files, a batch at a time (the driver never holds a whole corpus)."""
+    for f in files:
+        for batch in pq.ParquetFile(f).iter_batches(columns=columns, batch_size=4096):
+            yield from batch.to_pylist()
 
 
 # --------------------------------------------------------------------------- progress, summary, manifest

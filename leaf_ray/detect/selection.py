@@ -41,9 +41,7 @@ rerun reads what is committed and generates only for the rows nothing covers: no
 from __future__ import annotations
 
 import json
-import uuid
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,7 +55,10 @@ from leaf_ray.detect.pipeline import (
     COUNTERFACTUALS_SCHEMA,
     DetectionError,
     DetectPaths,
+    check_local_resources,
+    commit_tables,
     drain_with_progress,
+    iter_rows,
 )
 from leaf_ray.generate.pipeline import NO_REFERENCE, Verdict
 
@@ -329,7 +330,8 @@ def run_verification(cfg: LeafConfig, paths: DetectPaths, clean_files: list[str]
         d.mkdir(parents=True, exist_ok=True)
     candidate_files = parquet_files(paths.candidates)
     done = cf_keys(paths.counterfactuals) | cf_keys(paths.rejected)
-    todo_ids = {key[0] for key in cf_keys(paths.candidates) if key not in done}
+    todo = cf_keys(paths.candidates) - done
+    todo_ids = {key[0] for key in todo}
     references: dict[str, tuple[str, str, str | None]] = {}
     unjudgeable: dict[str, str] = {}
     if todo_ids:
@@ -349,7 +351,7 @@ def run_verification(cfg: LeafConfig, paths: DetectPaths, clean_files: list[str]
             commit_verification_part(paths, rejected, [])
 
     generated = 0
-    n_todo = sum(1 for k in cf_keys(paths.candidates) if k[0] in references and k not in done)
+    n_todo = sum(1 for k in todo if k[0] in references)
     if n_todo:
         ds = start_pass(cfg).data.read_parquet(candidate_files)
         ds = ds.map_batches(attach_references, batch_format="pyarrow",
@@ -424,25 +426,13 @@ def commit_verification_part(paths: DetectPaths, rejected: list[dict], verified:
 
 def start_pass(cfg: LeafConfig):
     """Ray, connected, with room for one generation pool (local instances do not autoscale)."""
-    import os
-
     import ray
     import ray.data  # callers use ray.data
 
     from leaf_ray.raycluster import init_ray
 
     init_ray(cfg)
-    if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
-        pool, cluster = cfg.generation.pool, ray.cluster_resources()
-        need = Counter({"CPU": 1.0})
-        for name, amount in pool.ray_resources().items():
-            need[name] += amount * pool.min_actors
-        short = {k: (v, cluster.get(k, 0.0)) for k, v in need.items() if v > cluster.get(k, 0.0) + 1e-9}
-        if short:
-            what = ", ".join(f"{k}: need {v:g}, have {h:g}" for k, (v, h) in short.items())
-            raise DetectionError(f"the local Ray instance cannot hold the generation pool plus 1 CPU for "
-                                 f"data tasks ({what}); lower generation.pool num_cpus, num_gpus or "
-                                 "min_actors, or raise ray.num_cpus")
+    check_local_resources(cfg, ray.cluster_resources(), {"generation.pool": cfg.generation.pool})
     return ray
 
 
@@ -464,22 +454,6 @@ def part_summary(**counts: int) -> pa.Table:
     return pa.table({k: pa.array([v], pa.int64()) for k, v in counts.items()})
 
 
-def commit_tables(paths: DetectPaths, tables: list[tuple[Path, pa.Table]], *,
-                  skip_empty_but_last: bool = False) -> None:
-    """Write each table as part `<uuid>` of its directory: under `_tmp/` first, then renamed into place in
-    order (the last rename is the commit point)."""
-    import os
-
-    stem = f"part-{uuid.uuid4().hex}"
-    paths.tmp.mkdir(parents=True, exist_ok=True)
-    for i, (directory, table) in enumerate(tables):
-        if skip_empty_but_last and not table.num_rows and i < len(tables) - 1:
-            continue
-        staging = paths.tmp / f"{stem}.{directory.name}.parquet"
-        pq.write_table(table, staging)
-        os.replace(staging, directory / f"{stem}.parquet")
-
-
 def parquet_files(directory: Path) -> list[str]:
     return sorted(str(p) for p in directory.glob("*.parquet")) if directory.is_dir() else []
 
@@ -488,13 +462,6 @@ def selection_columns(clean_files: list[str]) -> list[str]:
     """What judging a clean sample needs: its text and whichever reference columns the corpus has."""
     names = pq.read_schema(clean_files[0]).names
     return ["sample_id", "instruction", "output"] + [c for c in ("answer", "kind", "reference") if c in names]
-
-
-def iter_rows(files: list[str], columns: list[str]) -> Iterator[dict]:
-    """Rows of Parquet files, a batch at a time (the driver never holds a whole corpus)."""
-    for f in files:
-        for batch in pq.ParquetFile(f).iter_batches(columns=columns, batch_size=4096):
-            yield from batch.to_pylist()
 
 
 def keep_rows(batch: pa.Table, *, sample_ids: set[str]) -> pa.Table:
