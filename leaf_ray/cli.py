@@ -307,6 +307,22 @@ def bench_distill(
     run_distill_bench(cfg, console, steps=steps, warmup=warmup, memory=memory, threads=threads)
 
 
+@bench_app.command("gpu")
+def bench_gpu(
+    smoke: Annotated[bool, typer.Option("--smoke", help="Tiny shapes on CPU in fp32: checks the code runs.")] = False,
+    out: Annotated[str | None, typer.Option(help="Write the results as JSON to this path.")] = None,
+    device: Annotated[str | None, typer.Option(help="torch device (default: cuda; cpu with --smoke).")] = None,
+    sections: Annotated[str | None, typer.Option(help="Comma-separated subset of saliency,kl,distill.")] = None,
+) -> None:
+    """Saliency, hybrid KL and a distillation step at Llama-1B/8B shapes (random weights) on one GPU, with MFU.
+
+    Needs only torch and transformers: `python -m leaf_ray.bench.gpu` runs it without the CLI's packages."""
+    from leaf_ray.bench.gpu import run_gpu_bench
+
+    run_gpu_bench(smoke=smoke, out=out, device=device, console=console,
+                  sections=tuple(s.strip() for s in sections.split(",") if s.strip()) if sections else None)
+
+
 @bench_app.command("focus")
 def bench_focus(
     config: ConfigOpt = None, set_: SetOpt = None,
