@@ -1,10 +1,12 @@
-"""Connecting to Ray: one place so the CLI, jobs/ and tests agree."""
+"""Connecting to Ray, and what Ray workers need of the driver: one place so the CLI, jobs/ and tests agree."""
 
 from __future__ import annotations
 
 import os
+from functools import lru_cache
+from pathlib import Path
 
-from leaf_ray.config import LeafConfig
+from leaf_ray.config import LeafConfig, ModelRef
 
 RUNTIME_ENV_VARS = {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
                     "TRANSFORMERS_OFFLINE": "1"}
@@ -26,3 +28,29 @@ def init_ray(cfg: LeafConfig):
                       runtime_env={"env_vars": env_vars})
     ray.init(**kwargs)
     return ray
+
+
+def for_workers(cfg: LeafConfig) -> LeafConfig:
+    """A copy with every path absolute: Ray workers do not share the driver's working directory."""
+    cfg = cfg.model_copy(deep=True)
+    cfg.run.root_dir = str(Path(cfg.run.root_dir).resolve())
+    cfg.models.teacher = local_model_ref(cfg.models.teacher)
+    cfg.models.student = local_model_ref(cfg.models.student)
+    if cfg.distill.topk_cache_dir:
+        cfg.distill.topk_cache_dir = str(Path(cfg.distill.topk_cache_dir).expanduser().resolve())
+    return cfg
+
+
+def local_model_ref(ref: ModelRef) -> ModelRef:
+    """`ref` with its local paths absolute (one that does not exist stays as written, for the error)."""
+    update = {name: str(Path(value).expanduser().resolve()) for name in ("path", "tokenizer_path")
+              if (value := getattr(ref, name)) and Path(value).expanduser().exists()}
+    return ref.model_copy(update=update)
+
+
+@lru_cache(maxsize=4)
+def cached_tokenizer(ref_json: str):
+    """One tokenizer per Ray worker process (tasks reuse workers), keyed by the model reference's JSON."""
+    from leaf_ray.models import load_tokenizer
+
+    return load_tokenizer(ModelRef.model_validate_json(ref_json))

@@ -25,21 +25,18 @@ from leaf_ray.config import ModelRef
 from leaf_ray.data.chat import render
 from leaf_ray.data.demo_corpus import generate_problems
 from leaf_ray.detect.cross_tokenizer import project_scores
-from leaf_ray.detect.pipeline import (
-    COUNTERFACTUALS_SCHEMA,
-    QUARANTINE_SCHEMA,
-    SCORES_SCHEMA,
-    DetectionError,
-    DetectPaths,
+from leaf_ray.detect.pipeline import run_detection
+from leaf_ray.detect.response import prefix_continuations, split_steps
+from leaf_ray.detect.saliency import token_saliency
+from leaf_ray.detect.schema import COUNTERFACTUALS_SCHEMA, QUARANTINE_SCHEMA, SCORES_SCHEMA, DetectionError
+from leaf_ray.detect.stages import (
     check_local_resources,
     committed_units,
     recover_interrupted_commits,
-    run_detection,
     scored_char_offsets,
 )
-from leaf_ray.detect.response import prefix_continuations, split_steps
-from leaf_ray.detect.saliency import token_saliency
 from leaf_ray.models import load_model, load_tokenizer
+from leaf_ray.store import DetectPaths
 
 POOLS = {"student_pool": {"num_cpus": 0.5, "batch_size": 4},
          "teacher_pool": {"num_cpus": 0.5, "batch_size": 4}, "units_per_part": 8}

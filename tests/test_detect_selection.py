@@ -16,17 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from leaf_ray.data.demo_corpus import generate_problems
-from leaf_ray.detect.pipeline import (
-    COUNTERFACTUALS_SCHEMA,
-    SCORES_SCHEMA,
-    DetectionError,
-    DetectPaths,
-    check_same_spec,
-    recover_interrupted_commits,
-    run_detection,
-    run_spec,
-)
+from leaf_ray.detect.pipeline import check_same_spec, run_detection, run_spec
 from leaf_ray.detect.response import prefix_continuations, split_steps
+from leaf_ray.detect.schema import COUNTERFACTUALS_SCHEMA, SCORES_SCHEMA, DetectionError
 from leaf_ray.detect.selection import (
     REJECTED_SCHEMA,
     SELECTION_SCHEMA,
@@ -35,8 +27,10 @@ from leaf_ray.detect.selection import (
     TEACHER_WRONG,
     sample_reference,
 )
+from leaf_ray.detect.stages import recover_interrupted_commits
 from leaf_ray.evaluate.answers import answers_match, extract_answer
-from leaf_ray.generate.pipeline import NO_REFERENCE
+from leaf_ray.evaluate.judge import NO_REFERENCE
+from leaf_ray.store import DetectPaths
 
 POOLS = {"student_pool": {"num_cpus": 0.5, "batch_size": 4},
          "teacher_pool": {"num_cpus": 0.5, "batch_size": 4}, "units_per_part": 8}

@@ -109,15 +109,26 @@ def _clean_rows(problems, answers):
             for i, (p, a) in enumerate(zip(problems, answers))]
 
 
+def check_rows(cfg, model_ref, rows: list[dict]) -> list[tuple[str, object]]:
+    """Generate for each row (`instruction`, optional `response_prefix`) and judge prefix + completion
+    against the row's reference: math rows by final answer, rows with `kind: code` by running their tests
+    (what selection and verification do, row by row). Returns (completion, verdict) per row, in order."""
+    from leaf_ray.evaluate.judge import judge, judge_code, reference_answer
+    from leaf_ray.generate.pipeline import generate_rows
+
+    prefixes = [r.get("response_prefix") or "" for r in rows]
+    completions = generate_rows(cfg, model_ref, [r["instruction"] for r in rows],
+                                prefixes if any(prefixes) else None)
+    # The final answer may sit in the continuation only; judge the whole response.
+    return [(c, judge_code(r, p + c, cfg.evaluation) if r.get("kind") == "code"
+             else judge(p + c, reference_answer(r))) for c, p, r in zip(completions, prefixes, rows)]
+
+
 @pytest.mark.slow
 def test_teacher_responses_keep_exactly_the_rows_whose_answer_matches(ray_local, cfg_factory, tiny_pair):
     from leaf_ray.evaluate.answers import extract_answer
-    from leaf_ray.generate.pipeline import (
-        ANSWER_MISMATCH,
-        NO_REFERENCE,
-        correctness,
-        generate_teacher_responses,
-    )
+    from leaf_ray.evaluate.judge import ANSWER_MISMATCH, NO_REFERENCE
+    from leaf_ray.generate.pipeline import generate_teacher_responses
 
     cfg = cfg_factory(generation={"backend": "transformers", "max_new_tokens": 24,
                                   "pool": {"batch_size": 4, "num_cpus": 0.5}})
@@ -155,17 +166,15 @@ def test_teacher_responses_keep_exactly_the_rows_whose_answer_matches(ray_local,
     assert (report.total, report.kept) == (len(rows), len(matching))
     assert report.rejected == {ANSWER_MISMATCH: len(problems) - len(matching), NO_REFERENCE: 1}
 
-    # The same verdicts through `correctness` (Stage 1 selection / verification).
-    verdicts = correctness(cfg, cfg.models.teacher, rows)
+    # The same verdicts from generating and judging the rows one by one.
+    verdicts = [v.correct for _, v in check_rows(cfg, cfg.models.teacher, rows)]
     assert verdicts == [r["sample_id"] in matching for r in rows]
 
 
 @pytest.mark.slow
-def test_correctness_with_response_prefix_and_code_rows(ray_local, cfg_factory):
+def test_judging_with_response_prefix_and_code_rows(ray_local, cfg_factory):
     """Verification continues after a response prefix and judges prefix + continuation: a prefix that
     already holds the answer (or a passing program) makes the row correct whatever the tiny model adds."""
-    from leaf_ray.generate.pipeline import check_rows
-
     cfg = cfg_factory(generation={"backend": "transformers", "max_new_tokens": 8, "pool": {"num_cpus": 0.5}},
                       evaluation={"code_timeout_s": 10})
     prints = {"format": "livecodebench", "tests": [{"input": "", "output": "ok", "testtype": "stdin"}],
@@ -182,7 +191,7 @@ def test_correctness_with_response_prefix_and_code_rows(ray_local, cfg_factory):
         {"sample_id": "c-noref", "instruction": "Print ok.", "kind": "code",
          "response_prefix": "```python\nprint('ok')\n```\n"},
     ]
-    verdicts = [v for _, v in check_rows(cfg, cfg.models.student, rows)]  # what `correctness` returns .correct of
+    verdicts = [v for _, v in check_rows(cfg, cfg.models.student, rows)]
     assert [v.correct for v in verdicts] == [True, False, True, False, False]
     assert verdicts[1].predicted == "41" and verdicts[1].reason == "answer mismatch"
     assert "wrong output" in verdicts[3].reason and verdicts[4].reason == "no reference answer"

@@ -50,7 +50,7 @@ def counterfactuals(sample_id="s1"):
 
 @pytest.fixture
 def run_dir(tmp_path):
-    from leaf_ray.detect.pipeline import COUNTERFACTUALS_SCHEMA, SCORES_SCHEMA
+    from leaf_ray.detect.schema import COUNTERFACTUALS_SCHEMA, SCORES_SCHEMA
 
     root = tmp_path / "run"
     (root / "detect" / "scores").mkdir(parents=True)

@@ -166,7 +166,8 @@ def run_worker(method: str, pair: dict[str, str], samples: list[dict], batch_siz
     import torch
 
     from leaf_ray.config import ModelRef
-    from leaf_ray.detect.pipeline import SaliencyScorer, cached_tokenizer, tokenise_units
+    from leaf_ray.detect.stages import SaliencyScorer, tokenise_units
+    from leaf_ray.raycluster import cached_tokenizer
     from leaf_ray.models import load_model
 
     torch.set_num_threads(threads)

@@ -36,13 +36,14 @@ import glob
 import hashlib
 import json
 import os
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
+
+from leaf_ray.store import RunDir, replace_parquet_dir, write_json_atomic
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -559,19 +560,6 @@ def _read_files(batch: pa.Table, fields, seed: int, validation_fraction: float) 
 
 # --------------------------------------------------------------------------- length check (Ray Data task)
 
-_TOKENIZERS: dict[str, Any] = {}
-
-
-def _tokenizer(model_ref_json: str):
-    """The student tokenizer, loaded once per worker process."""
-    if model_ref_json not in _TOKENIZERS:
-        from leaf_ray.config import ModelRef
-        from leaf_ray.models import load_tokenizer
-
-        _TOKENIZERS[model_ref_json] = load_tokenizer(ModelRef.model_validate_json(model_ref_json))
-    return _TOKENIZERS[model_ref_json]
-
-
 def fit_to_length(tokenizer, instruction: str, output: str, max_length: int) -> tuple[int, str | None]:
     """(tokens of the rendered record, the longest prefix of `output` whose rendering fits, or None).
 
@@ -611,7 +599,9 @@ def _check_length(batch: pa.Table, model_ref_json: str, max_length: int, truncat
         if row["reason"] is not None:
             continue
         if tokenizer is None:
-            tokenizer = _tokenizer(model_ref_json)
+            from leaf_ray.raycluster import cached_tokenizer
+
+            tokenizer = cached_tokenizer(model_ref_json)
         try:
             n_tokens, fitted = fit_to_length(tokenizer, row["instruction"], row["output"], max_length)
         except TemplateError as e:
@@ -738,36 +728,11 @@ def _to_quarantine(batch: pa.Table, duplicates: dict[int, int], sources: list[st
     return batch.select(QUARANTINE_SCHEMA.names).cast(QUARANTINE_SCHEMA)
 
 
-def _write(ds, directory: Path, schema: pa.Schema, expected_rows: int) -> None:
-    """Write into a fresh temp dir, then swap it in: a rerun replaces the previous output whole."""
-    import pyarrow.parquet as pq
-
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if expected_rows:
-        ds.write_parquet(str(tmp))
-    else:  # keep a readable (empty) dataset with the right schema
-        pq.write_table(schema.empty_table(), tmp / "empty.parquet")
-    shutil.rmtree(directory, ignore_errors=True)
-    tmp.rename(directory)
-
-
-def config_hash(cfg: LeafConfig) -> str:
-    """sha256 over what decides the ingest output: the data section, the student tokenizer, the seed."""
-    relevant = {"data": cfg.data.model_dump(mode="json"), "student": cfg.models.student.model_dump(mode="json"),
-                "seed": cfg.run.seed}
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _local_model_ref(ref):
-    """Absolute local paths: Ray workers need not share the driver's working directory."""
-    update = {}
-    for name in ("path", "tokenizer_path"):
-        value = getattr(ref, name)
-        if value and Path(value).expanduser().exists():
-            update[name] = str(Path(value).expanduser().resolve())
-    return ref.model_copy(update=update)
+def ingest_spec(cfg: LeafConfig) -> dict[str, Any]:
+    """What decides the ingest output: the data section, the student tokenizer, the seed. A rerun replaces
+    the output whole, so the spec is recorded in the manifest, not guarded."""
+    return {"data": cfg.data.model_dump(mode="json"), "student": cfg.models.student.model_dump(mode="json"),
+            "seed": cfg.run.seed}
 
 
 # --------------------------------------------------------------------------- entry point
@@ -780,15 +745,15 @@ def run_ingest(cfg: LeafConfig) -> IngestReport:
 
     from leaf_ray.data.demo_corpus import write_demo_corpus
     from leaf_ray.models import ModelLoadError, load_tokenizer
-    from leaf_ray.raycluster import init_ray
+    from leaf_ray.raycluster import init_ray, local_model_ref
 
-    data_dir = Path(cfg.run.dir).expanduser().resolve() / "data"
+    run_dir = RunDir(Path(cfg.run.dir).expanduser().resolve())
     paths, fmt = cfg.data.paths, cfg.data.format
     if not paths:
-        demo = write_demo_corpus(data_dir / "demo.jsonl", cfg.data.demo.size, cfg.data.demo.seed)
+        demo = write_demo_corpus(run_dir.demo_corpus, cfg.data.demo.size, cfg.data.demo.seed)
         paths, fmt = [str(demo)], "jsonl"
     files = resolve_sources(paths, fmt)
-    student = _local_model_ref(cfg.models.student)
+    student = local_model_ref(cfg.models.student)
     try:
         load_tokenizer(student)  # fail before any work if the max_length check cannot run
     except (ModelLoadError, OSError, ValueError) as e:
@@ -820,27 +785,28 @@ def run_ingest(cfg: LeafConfig) -> IngestReport:
         extra_keys = sorted({k for keys in summary["extra_keys"].to_pylist() for k in json.loads(keys)})
         counts = _count(summary.to_pylist(), duplicate_rows.to_pylist(), sources, files)
 
-        clean_dir, quarantine_dir = data_dir / "clean", data_dir / "quarantine"
-        _write(records.map_batches(_to_clean, batch_format="pyarrow",
-                                   fn_kwargs={"duplicates": duplicates, "sources": sources,
-                                              "extra_keys": extra_keys}),
-               clean_dir, clean_schema(extra_keys), counts["clean"])
-        _write(records.map_batches(_to_quarantine, batch_format="pyarrow",
-                                   fn_kwargs={"duplicates": duplicates, "sources": sources}),
-               quarantine_dir, QUARANTINE_SCHEMA, sum(counts["quarantined"].values()))
+        clean_dir, quarantine_dir = run_dir.clean, run_dir.data_quarantine
+        # An empty output is not run at all: its directory gets the empty table of its schema.
+        clean = records.map_batches(_to_clean, batch_format="pyarrow", fn_kwargs={
+            "duplicates": duplicates, "sources": sources, "extra_keys": extra_keys})
+        replace_parquet_dir(clean_dir, clean if counts["clean"] else None, clean_schema(extra_keys))
+        quarantine = records.map_batches(_to_quarantine, batch_format="pyarrow",
+                                         fn_kwargs={"duplicates": duplicates, "sources": sources})
+        replace_parquet_dir(quarantine_dir, quarantine if sum(counts["quarantined"].values()) else None,
+                            QUARANTINE_SCHEMA)
     finally:
         ctx.execution_options.preserve_order = saved_order
 
-    manifest_path = data_dir / "ingest_manifest.json"
+    manifest_path = run_dir.ingest_manifest
     manifest = {
         "counts": {"read": counts["read"], "clean": counts["clean"],
                    "quarantined": sum(counts["quarantined"].values())},
         "quarantined_by_reason": counts["quarantined"], "splits": counts["splits"],
         "truncated": counts["truncated"], "sources": counts["sources"], "warnings": counts["warnings"],
         "extra_columns": [_extra_column_name(k) for k in extra_keys],
-        "config_hash": config_hash(cfg), "clean_dir": str(clean_dir), "quarantine_dir": str(quarantine_dir),
+        "spec": ingest_spec(cfg), "clean_dir": str(clean_dir), "quarantine_dir": str(quarantine_dir),
     }
-    manifest_path.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json_atomic(manifest_path, manifest)
     return IngestReport(read=counts["read"], clean=counts["clean"], quarantined=counts["quarantined"],
                         splits=counts["splits"], truncated=counts["truncated"], sources=counts["sources"],
                         warnings=counts["warnings"], clean_dir=clean_dir, quarantine_dir=quarantine_dir,

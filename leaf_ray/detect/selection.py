@@ -18,7 +18,7 @@ pool starts (one pool holding a large model at a time), and the pass resumes on 
 the stream writes its counterfactuals to `candidate_counterfactuals/`; the pass moves each through the student
 and commits it to `counterfactuals/` (what Stage 2 reads, schema unchanged) or `rejected_counterfactuals/`.
 
-**Judging** is `leaf_ray.generate.pipeline`'s (`judge`, `judge_code`), i.e. what `correctness` does: greedy
+**Judging** is `leaf_ray.evaluate.judge`'s (`judge`, `judge_code`) of a greedy
 generation from `generation` (temperature 0 by default); a math row is right when the final answer extracted
 from the response matches the reference (`answer`, else the final answer of the reference `output`); a row
 with `kind: "code"` and `reference` tests (a dict, or JSON text as ingest keeps extra columns) is right when
@@ -51,16 +51,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from leaf_ray.config import EvaluationConfig, LeafConfig
-from leaf_ray.detect.pipeline import (
-    COUNTERFACTUALS_SCHEMA,
-    DetectionError,
-    DetectPaths,
-    check_local_resources,
-    commit_tables,
-    drain_with_progress,
-    iter_rows,
-)
-from leaf_ray.generate.pipeline import NO_REFERENCE, Verdict
+from leaf_ray.detect.schema import COUNTERFACTUALS_SCHEMA, DetectionError
+from leaf_ray.detect.stages import check_local_resources, drain_with_progress
+from leaf_ray.evaluate.judge import NO_REFERENCE, Verdict, judge, judge_code, reference_answer
+from leaf_ray.store import DetectPaths, commit_parts, iter_rows, parquet_files, read_parquet_dir
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -149,8 +143,6 @@ def sample_reference(row: dict) -> tuple[str, str | None, str | None]:
     """(kind, reference, why-none) of one clean sample. Math: its `answer`, else the final answer of its
     reference `output`. Code (`kind == "code"`): its `reference` tests, a dict with a `format` (or that dict
     as JSON text, as ingest keeps extra columns), re-serialised as JSON."""
-    from leaf_ray.generate.pipeline import reference_answer
-
     if row.get("kind") == "code":
         tests = row.get("reference")
         if isinstance(tests, str):
@@ -168,9 +160,7 @@ def sample_reference(row: dict) -> tuple[str, str | None, str | None]:
 
 
 def judge_planned(row: dict, response: str, evaluation: EvaluationConfig) -> Verdict:
-    """`generate.pipeline.judge` (math) or `judge_code` (code) of one response to a planned row."""
-    from leaf_ray.generate.pipeline import judge, judge_code
-
+    """`evaluate.judge.judge` (math) or `judge_code` (code) of one response to a planned row."""
     if row["kind"] == "code":
         code_row = {"sample_id": row["sample_id"], "instruction": row["instruction"],
                     "reference": json.loads(row["reference"])}
@@ -182,7 +172,7 @@ def judge_planned(row: dict, response: str, evaluation: EvaluationConfig) -> Ver
 
 
 def run_selection(cfg: LeafConfig, paths: DetectPaths, clean_files: list[str], sample_ids: set[str], *,
-                  console: "Console | None" = None) -> SelectionSummary:
+                  console: Console | None = None) -> SelectionSummary:
     """Verdicts for every sample not yet in `selection/` (teacher pass, then student pass); returns the totals
     over everything committed."""
     for d in (paths.selection, paths.selection_teacher):
@@ -202,7 +192,8 @@ def run_selection(cfg: LeafConfig, paths: DetectPaths, clean_files: list[str], s
         elif row["sample_id"] not in teacher_done:
             teacher_todo.add(row["sample_id"])
     if unjudgeable:
-        commit_tables(paths, [(paths.selection, pa.Table.from_pylist(unjudgeable, schema=SELECTION_SCHEMA))])
+        table = pa.Table.from_pylist(unjudgeable, schema=SELECTION_SCHEMA)
+        commit_parts(paths.tmp, [(paths.selection, table)])
 
     teacher_generated = student_generated = 0
     if teacher_todo:
@@ -227,7 +218,7 @@ def run_selection(cfg: LeafConfig, paths: DetectPaths, clean_files: list[str], s
                                              teacher=row, reason=TEACHER_WRONG, detail=row["teacher_detail"]))
     if teacher_wrong:
         table = pa.Table.from_pylist(teacher_wrong, schema=SELECTION_SCHEMA)
-        commit_tables(paths, [(paths.selection, table)])
+        commit_parts(paths.tmp, [(paths.selection, table)])
     if student_todo:
         ds = start_pass(cfg).data.read_parquet(teacher_files)
         ds = ds.map_batches(keep_rows, batch_format="pyarrow", fn_kwargs={"sample_ids": student_todo})
@@ -246,9 +237,7 @@ def run_selection(cfg: LeafConfig, paths: DetectPaths, clean_files: list[str], s
 
 def summarize_selection(paths: DetectPaths, sample_ids: set[str]) -> SelectionSummary:
     """Totals of `selection/`, which must hold exactly one verdict per input sample."""
-    files = parquet_files(paths.selection)
-    table = (pq.read_table(files, columns=["sample_id", "selected", "reason"]) if files
-             else SELECTION_SCHEMA.empty_table().select(["sample_id", "selected", "reason"]))
+    table = read_parquet_dir(paths.selection, ["sample_id", "selected", "reason"], schema=SELECTION_SCHEMA)
     ids = table["sample_id"].to_pylist()
     dupes = [k for k, n in Counter(ids).items() if n > 1]
     if dupes:
@@ -299,7 +288,7 @@ def judge_teacher_part(batch: pa.Table, *, root: str, evaluation: dict) -> pa.Ta
     paths = DetectPaths(Path(root))
     if rows:
         table = pa.Table.from_pylist(rows, schema=TEACHER_PASS_SCHEMA)
-        commit_tables(paths, [(paths.selection_teacher, table)])
+        commit_parts(paths.tmp, [(paths.selection_teacher, table)])
     return part_summary(units=len(rows), correct=sum(r["teacher_correct"] for r in rows))
 
 
@@ -315,7 +304,7 @@ def judge_student_part(batch: pa.Table, *, root: str, evaluation: dict) -> pa.Ta
                                 detail=None))
     paths = DetectPaths(Path(root))
     if rows:
-        commit_tables(paths, [(paths.selection, pa.Table.from_pylist(rows, schema=SELECTION_SCHEMA))])
+        commit_parts(paths.tmp, [(paths.selection, pa.Table.from_pylist(rows, schema=SELECTION_SCHEMA))])
     return part_summary(units=len(rows), correct=sum(r["student_correct"] for r in rows))
 
 
@@ -323,7 +312,7 @@ def judge_student_part(batch: pa.Table, *, root: str, evaluation: dict) -> pa.Ta
 
 
 def run_verification(cfg: LeafConfig, paths: DetectPaths, clean_files: list[str], *,
-                     console: "Console | None" = None) -> VerificationSummary:
+                     console: Console | None = None) -> VerificationSummary:
     """Judge every committed candidate counterfactual not yet in `counterfactuals/` or
     `rejected_counterfactuals/`; returns the totals over everything committed."""
     for d in (paths.candidates, paths.counterfactuals, paths.rejected):
@@ -418,7 +407,7 @@ def commit_verification_part(paths: DetectPaths, rejected: list[dict], verified:
     """Rejected file first, counterfactuals file last (the commit point, written even when empty)."""
     tables = [(paths.rejected, pa.Table.from_pylist(rejected, schema=REJECTED_SCHEMA)),
               (paths.counterfactuals, pa.Table.from_pylist(verified, schema=COUNTERFACTUALS_SCHEMA))]
-    commit_tables(paths, tables, skip_empty_but_last=True)
+    commit_parts(paths.tmp, tables, skip_empty_but_last=True)
 
 
 # --------------------------------------------------------------------------- shared plumbing
@@ -437,7 +426,7 @@ def start_pass(cfg: LeafConfig):
 
 
 def generate_and_commit(cfg: LeafConfig, ds, model_ref, out_col: str, judge_fn, estimated: int,
-                        console: "Console | None", *, label: str, prefix_col: str | None, root: Path) -> int:
+                        console: Console | None, *, label: str, prefix_col: str | None, root: Path) -> int:
     """Blocks of `units_per_part` rows -> the model's completion (`generation.pool`) -> `judge_fn` commits
     each block as a part. Returns the rows generated."""
     from leaf_ray.generate.pipeline import generate_dataset
@@ -454,10 +443,6 @@ def part_summary(**counts: int) -> pa.Table:
     return pa.table({k: pa.array([v], pa.int64()) for k, v in counts.items()})
 
 
-def parquet_files(directory: Path) -> list[str]:
-    return sorted(str(p) for p in directory.glob("*.parquet")) if directory.is_dir() else []
-
-
 def selection_columns(clean_files: list[str]) -> list[str]:
     """What judging a clean sample needs: its text and whichever reference columns the corpus has."""
     names = pq.read_schema(clean_files[0]).names
@@ -469,8 +454,7 @@ def keep_rows(batch: pa.Table, *, sample_ids: set[str]) -> pa.Table:
 
 
 def ids_in(directory: Path) -> set[str]:
-    files = parquet_files(directory)
-    return set(pq.read_table(files, columns=["sample_id"])["sample_id"].to_pylist()) if files else set()
+    return set(read_parquet_dir(directory, ["sample_id"], schema=SELECTION_SCHEMA)["sample_id"].to_pylist())
 
 
 def cf_key(row: dict) -> tuple:
@@ -478,8 +462,7 @@ def cf_key(row: dict) -> tuple:
 
 
 def read_keys(directory: Path, extra: list[str] | None = None) -> list[dict]:
-    files = parquet_files(directory)
-    return pq.read_table(files, columns=list(CF_KEY) + (extra or [])).to_pylist() if files else []
+    return read_parquet_dir(directory, list(CF_KEY) + (extra or []), schema=REJECTED_SCHEMA).to_pylist()
 
 
 def cf_keys(directory: Path) -> set[tuple]:

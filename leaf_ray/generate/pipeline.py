@@ -3,30 +3,26 @@
 - `generate_dataset`: add a completion column to any Ray Dataset (`ActorPoolStrategy` from `generation.pool`).
 - `generate_teacher_responses`: teacher responses for `data/clean`, keeping only those whose final answer
   matches the reference; the rest are quarantined with reason "answer mismatch".
-- `correctness` / `check_rows`: does a model answer each row correctly? (Stage 1 selection: teacher right and
-  student wrong; verification: student right after pruning.)
+- `generate_rows`: completions of a list of prompts (evaluation, cross-checks).
+Judging an answer is `leaf_ray.evaluate.judge`'s.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from leaf_ray.config import GenerationConfig, LeafConfig, ModelRef
+from leaf_ray.evaluate.judge import judge, reference_answer
+from leaf_ray.store import RunDir, parquet_files, replace_parquet_dir
 
 if TYPE_CHECKING:
     import pyarrow as pa
     import ray.data
 
 log = logging.getLogger(__name__)
-
-ANSWER_MISMATCH = "answer mismatch"
-NO_REFERENCE = "no reference answer"
-
 
 class GenerateUDF:
     """Ray Data actor: loads the model once, then completes `prompt_col` of each batch into `out_col`."""
@@ -81,87 +77,6 @@ def generate_rows(cfg: LeafConfig, model_ref: ModelRef, prompts: list[str],
                           prefix_col="prefix" if prefixes else None)
     rows = sorted(ds.select_columns(["gen_index", "completion"]).take_all(), key=lambda r: r["gen_index"])
     return [r["completion"] for r in rows]
-
-
-# --------------------------------------------------------------------------- answer checking
-
-
-@dataclass
-class Verdict:
-    correct: bool
-    predicted: str | None
-    reference: str | None
-    reason: str | None  # None when correct
-
-
-def reference_answer(row: dict) -> str | None:
-    """The row's `answer`, else the final answer extracted from its reference `output`."""
-    from leaf_ray.evaluate.answers import extract_answer
-
-    answer = row.get("answer")
-    if answer is not None and str(answer).strip():
-        return str(answer).strip()
-    output = row.get("output")
-    return extract_answer(output) if output else None
-
-
-def judge(completion: str, reference: str | None) -> Verdict:
-    """Math check of one completion: extract its final answer, compare with `answers_match`."""
-    from leaf_ray.evaluate.answers import answers_match, extract_answer
-
-    predicted = extract_answer(completion)
-    if reference is None:
-        return Verdict(False, predicted, None, NO_REFERENCE)
-    ok = predicted is not None and answers_match(predicted, reference)
-    return Verdict(ok, predicted, reference, None if ok else ANSWER_MISMATCH)
-
-
-def judge_code(row: dict, response: str, evaluation) -> Verdict:
-    """Code check of one response: its program must pass the row's tests in the sandbox. `reference` is a
-    code reference as `load_benchmark` builds it (humaneval / leetcode / livecodebench tests)."""
-    from leaf_ray.evaluate.benchmarks import score_response
-
-    reference = row.get("reference")
-    if not isinstance(reference, dict) or "format" not in reference:
-        return Verdict(False, None, None, NO_REFERENCE)
-    score = score_response({"id": row.get("sample_id"), "kind": "code", "prompt": row["instruction"],
-                            "reference": reference}, response, timeout_s=evaluation.code_timeout_s,
-                           memory_mb=evaluation.code_memory_mb, max_processes=evaluation.code_max_processes,
-                           isolation=evaluation.code_isolation)
-    return Verdict(score.correct, score.predicted, None, None if score.correct else f"tests failed: {score.reason}")
-
-
-def check_rows(cfg: LeafConfig, model_ref: ModelRef, rows: list[dict]) -> list[tuple[str, Verdict]]:
-    """Generate for each row (`instruction`, optional `response_prefix`) and judge prefix + completion
-    against the row's reference: math rows by final answer, rows with `kind: code` by running their tests.
-    Returns (completion, verdict) per row, in order."""
-    for i, r in enumerate(rows):
-        if not r.get("instruction"):
-            raise ValueError(f"row {i} (sample_id={r.get('sample_id')!r}): missing `instruction`")
-    prefixes = [r.get("response_prefix") or "" for r in rows]
-    completions = generate_rows(cfg, model_ref, [r["instruction"] for r in rows],
-                                prefixes if any(prefixes) else None)
-    verdicts = []
-    for c, p, r in zip(completions, prefixes, rows):
-        # The final answer may sit in the continuation only; judge the whole response.
-        if r.get("kind") == "code":
-            verdicts.append((c, judge_code(r, p + c, cfg.evaluation)))
-        else:
-            verdicts.append((c, judge(p + c, reference_answer(r))))
-    return verdicts
-
-
-def correctness(cfg: LeafConfig, model_ref: ModelRef, rows: list[dict]) -> list[bool]:
-    """Is `model_ref`'s greedy answer to each row right?
-
-    Rows: `instruction`; math rows carry `answer` (or a reference `output` ending in a final answer); code
-    rows carry `kind: "code"` and `reference` (tests, as `load_benchmark` builds them); optional
-    `response_prefix` (the model continues after it; response-level verification). Stage 1 selection keeps
-    rows where `correctness(teacher)` is True and `correctness(student)` is False; verification keeps
-    counterfactual rows (pruned instruction, original reference) where `correctness(student)` is True.
-    A row without any reference counts as not correct.
-    """
-    return [v.correct for _, v in check_rows(cfg, model_ref, rows)]
 
 
 # --------------------------------------------------------------------------- teacher responses
@@ -221,17 +136,6 @@ def _quarantine_batch(batch: pa.Table, *, gen_col: str) -> pa.Table:
                      "reason": pa.array(out["reason"], pa.string()), "raw": pa.array(out["raw"], pa.string())})
 
 
-def _write(ds: ray.data.Dataset, out_dir: Path, schema: pa.Schema) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    shutil.rmtree(out_dir, ignore_errors=True)  # a rerun replaces, never appends duplicates
-    ds.write_parquet(str(out_dir))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if not any(out_dir.glob("*.parquet")):  # nothing to write: keep a readable empty table
-        pq.write_table(pa.Table.from_pylist([], schema=schema), out_dir / "empty.parquet")
-
-
 def generate_teacher_responses(cfg: LeafConfig) -> TeacherResponsesReport:
     """Teacher responses for `<run dir>/data/clean`, kept only where the final answer checks out.
 
@@ -243,8 +147,9 @@ def generate_teacher_responses(cfg: LeafConfig) -> TeacherResponsesReport:
 
     from leaf_ray.raycluster import init_ray
 
-    clean = cfg.run.dir / "data" / "clean"
-    if not clean.is_dir() or not any(clean.glob("*.parquet")):
+    run_dir = RunDir.of(cfg)
+    clean = run_dir.clean
+    if not parquet_files(clean):
         raise FileNotFoundError(f"no cleaned corpus at {clean}: run `leaf-ray ingest` first")
     init_ray(cfg)
     source = ray.data.read_parquet(str(clean))
@@ -254,13 +159,12 @@ def generate_teacher_responses(cfg: LeafConfig) -> TeacherResponsesReport:
     judged = judged.map_batches(_judge_batch, fn_kwargs={"gen_col": gen_col}, batch_format="pyarrow")
     judged = judged.materialize()  # generate once, write twice
 
-    out_dir = cfg.run.dir / "generate" / "teacher_responses"
-    quarantine_dir = cfg.run.dir / "generate" / "quarantine"
+    out_dir, quarantine_dir = run_dir.teacher_responses, run_dir.generate_quarantine
     kept = judged.map_batches(_kept_batch, fn_kwargs={"columns": columns, "gen_col": gen_col},
                               batch_format="pyarrow")
-    _write(kept, out_dir, source.schema().base_schema)
+    replace_parquet_dir(out_dir, kept, source.schema().base_schema)  # a rerun replaces, never appends
     quarantined = judged.map_batches(_quarantine_batch, fn_kwargs={"gen_col": gen_col}, batch_format="pyarrow")
-    _write(quarantined, quarantine_dir, pa.schema([("source", pa.string()), ("row", pa.int64()),
+    replace_parquet_dir(quarantine_dir, quarantined, pa.schema([("source", pa.string()), ("row", pa.int64()),
                                                    ("reason", pa.string()), ("raw", pa.string())]))
 
     reasons: dict[str, Any] = {}
