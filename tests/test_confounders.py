@@ -33,13 +33,16 @@ def test_minmax_by_hand():
 
 
 def test_delta_and_quantile_threshold_by_hand():
-    # q = 0.1: h = (5-1)*0.1 = 0.4 -> τ = 0 + 0.4*(0.4 - 0) = 0.16 (< cap 0.5) -> only token 4 (Δ = 0)
+    # q = 0.1, the reference's order statistic: sorted(Δ)[int(5 * 0.1)] = sorted(Δ)[0] = 0 -> only token 4
     out = score_span(STUDENT, TEACHER, TEXTS, ThresholdConfig(rule="quantile", quantile=0.1, cap=0.5))
     assert torch.allclose(out.student_normalized, torch.tensor([0, 0.25, 0.5, 0.125, 1], dtype=torch.float64))
     assert torch.allclose(out.teacher_normalized, torch.tensor([0.25, 0, 0.5, 1, 0], dtype=torch.float64))
     assert torch.allclose(out.delta, torch.tensor(DELTA, dtype=torch.float64))
-    assert out.threshold == pytest.approx(0.16)
+    assert out.threshold == 0.0
     assert out.confounder_mask.tolist() == [False, False, False, False, True]
+    # linear interpolation (numpy's quantile) is an explicit option: h = (5-1)*0.1 = 0.4 -> τ = 0.4*0.4 = 0.16
+    linear = ThresholdConfig(rule="quantile", quantile=0.1, cap=0.5, interpolation="linear")
+    assert score_span(STUDENT, TEACHER, TEXTS, linear).threshold == pytest.approx(0.16)
     assert out.spans == [(4, 5)]
     assert not out.degenerate
 
@@ -74,13 +77,35 @@ def test_whitespace_tokens_are_never_confounders_and_break_runs():
     assert not everything.confounder_mask.any() and everything.spans == []
 
 
-def test_quantile_matches_numpy_linear_default():
+@pytest.mark.parametrize(("n", "q", "index", "linear"), [
+    # Δ = [0, 1, ..., n-1] / (n-1) (shuffled); reference τ = sorted(Δ)[int(n*q)], linear h = (n-1)*q
+    (12, 0.10, 1, 1.1 / 11),    # int(1.2) = 1 -> 1/11;   h = 1.1 -> 0.1
+    (30, 0.10, 3, 2.9 / 29),    # int(3.0000000000000004) = 3 -> 3/29; h = 2.9
+    (7, 0.05, 0, 0.3 / 6),      # int(0.35) = 0 -> 0;     h = 0.3
+    (25, 0.15, 3, 3.6 / 24),    # int(3.75) = 3 -> 3/24;  h = 3.6
+    (4, 1.0, 3, 1.0),           # q = 1: index clipped to n-1 -> the maximum
+])
+def test_quantile_is_the_reference_order_statistic(n, q, index, linear):
+    from leaf_ray.detect.confounders import quantile_threshold
+
+    delta = torch.arange(n, dtype=torch.float64)[torch.randperm(n, generator=torch.Generator().manual_seed(n))]
+    delta = delta / (n - 1)
+    reference = ThresholdConfig(rule="quantile", quantile=q, cap=1.0)
+    assert quantile_threshold(delta, reference) == pytest.approx(index / (n - 1), abs=1e-15)
+    assert sorted(delta.tolist())[min(int(n * q), n - 1)] == pytest.approx(index / (n - 1), abs=1e-15)
+    interpolated = ThresholdConfig(rule="quantile", quantile=q, cap=1.0, interpolation="linear")
+    assert quantile_threshold(delta, interpolated) == pytest.approx(linear, abs=1e-12)
+    if int(n * q) != (n - 1) * q and q < 1:
+        assert quantile_threshold(delta, interpolated) != pytest.approx(quantile_threshold(delta, reference))
+
+
+def test_quantile_linear_option_matches_numpy():
     generator = torch.Generator().manual_seed(0)
     for n in (1, 2, 7, 50):
         student = torch.rand(n, generator=generator)
         teacher = torch.rand(n, generator=generator)
         for q in (0.05, 0.1, 0.37):
-            cfg = ThresholdConfig(rule="quantile", quantile=q, cap=1.0)
+            cfg = ThresholdConfig(rule="quantile", quantile=q, cap=1.0, interpolation="linear")
             out = score_span(student, teacher, ["x"] * n, cfg)
             assert out.threshold == pytest.approx(float(np.quantile(out.delta.numpy(), q)), abs=1e-12)
 

@@ -60,8 +60,29 @@ def test_round_trip_save_load_keeps_logits_and_generates(tiny_pair, tmp_path):
 
 
 def test_dtype_is_applied(tiny_pair):
-    model = load_model(ModelRef(path=tiny_pair["student"], dtype="bfloat16"))
-    assert next(model.parameters()).dtype == torch.bfloat16
+    forced = load_model(ModelRef(path=tiny_pair["student"], dtype="bfloat16", force_dtype=True))
+    assert next(forced.parameters()).dtype == torch.bfloat16
+
+
+def test_bf16_on_a_cpu_without_native_bf16_computes_in_fp32(tiny_pair, caplog, monkeypatch):
+    import leaf_ray.models as models
+
+    monkeypatch.setattr(models, "_logged_fallbacks", set())
+    native = models.cpu_has_native("bfloat16")
+    with caplog.at_level("WARNING", logger="leaf_ray"):
+        model = load_model(ModelRef(path=tiny_pair["student"], dtype="bfloat16"))
+        load_model(ModelRef(path=tiny_pair["teacher"], dtype="bfloat16"))
+    expected = torch.bfloat16 if native else torch.float32
+    assert next(model.parameters()).dtype == expected
+    lines = [r.getMessage() for r in caplog.records if "native bfloat16" in r.getMessage()]
+    assert len(lines) == (0 if native else 1)  # one clear line per process, not one per model
+    # the decision itself, independent of this machine's CPU
+    monkeypatch.setattr(models, "cpu_has_native", lambda dtype: dtype == "float32")
+    assert models.compute_dtype("bfloat16", on_cpu=True) == "float32"
+    assert models.compute_dtype("bfloat16", on_cpu=True, force=True) == "bfloat16"
+    assert models.compute_dtype("bfloat16", on_cpu=False) == "bfloat16"  # GPUs keep the configured dtype
+    assert models.compute_precision("bf16", on_cpu=True) == "fp32"
+    assert models.compute_precision("fp16", on_cpu=False) == "fp16"
 
 
 @pytest.mark.parametrize("loader", [load_model, load_tokenizer])
@@ -92,15 +113,20 @@ def test_compatibility_error_names_both_vocab_sizes(tiny_tokenizer):
     with pytest.raises(ModelCompatibilityError) as err:
         check_distill_compatible(tiny_tokenizer, small, len(tiny_tokenizer), len(small))
     assert str(len(tiny_tokenizer)) in str(err.value) and str(len(small)) in str(err.value)
-    # A teacher whose vocabulary is smaller than the student's.
+    # One tokenizer, but a checkpoint with fewer embedding rows than the tokenizer has tokens.
     with pytest.raises(ModelCompatibilityError) as err:
-        check_distill_compatible(small, tiny_tokenizer, len(small), len(tiny_tokenizer))
-    assert "teacher vocab size 1024" in str(err.value) and "student vocab size 2048" in str(err.value)
+        check_distill_compatible(tiny_tokenizer, tiny_tokenizer, 2000, 2048)
+    assert "teacher vocab size 2000 is smaller than its tokenizer's 2048 tokens" in str(err.value)
+    with pytest.raises(ModelCompatibilityError, match="student vocab size 1999"):
+        check_distill_compatible(tiny_tokenizer, tiny_tokenizer, 2048, 1999)
 
 
-def test_teacher_with_padded_vocab_warns(tiny_tokenizer):
-    with pytest.warns(UserWarning, match="teacher vocab size 2112 > student vocab size 2048"):
-        check_distill_compatible(tiny_tokenizer, tiny_tokenizer, 2112, 2048)
+def test_padded_vocab_rows_are_cut_to_the_tokenizer_length(tiny_tokenizer):
+    # The Qwen2.5 case: one tokenizer, checkpoints padded to different row counts (152064 vs 151936).
+    # Either side may be the larger: both are cut to len(tokenizer).
+    assert check_distill_compatible(tiny_tokenizer, tiny_tokenizer, 2112, 2048) == len(tiny_tokenizer) == 2048
+    assert check_distill_compatible(tiny_tokenizer, tiny_tokenizer, 2048, 2112) == 2048
+    assert check_distill_compatible(tiny_tokenizer, tiny_tokenizer, 2176, 2112) == 2048
 
 
 def test_models_check_cli(tiny_pair, tmp_path):

@@ -90,7 +90,7 @@ def encode_for_attention(tokenizer, samples: Sequence[dict]) -> list[dict]:
     encoded = []
     for s in samples:
         rendered = render(tokenizer, s["instruction"], s["output"])
-        start = rendered.scored_span[0]
+        start = rendered.scored_span[0] - rendered.scored_origin  # text index of the instruction's character 0
         spans = [(a + start, b + start) for a, b in s["confounder_spans"]]
         encoded.append({"input_ids": rendered.input_ids, "query": [bool(m) for m in rendered.target_mask],
                         "keys": ground_truth_mask(rendered.offsets, spans)})

