@@ -25,7 +25,7 @@ def add_arguments(p):
 
 
 def distill(cfg, args, console):
-    from leaf_ray.distill.trainer import run_distillation
+    from leaf_ray.distill.driver import run_distillation
 
     return run_distillation(cfg, variant=args.variant, console=console)
 

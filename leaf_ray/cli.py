@@ -134,7 +134,7 @@ def distill(
 ) -> None:
     """Stage 2: hybrid-KL distillation on Ray Train + DeepSpeed, tracked in MLflow."""
     from leaf_ray.distill.data import DistillDataError
-    from leaf_ray.distill.trainer import run_distillation
+    from leaf_ray.distill.driver import run_distillation
     from leaf_ray.models import ModelCompatibilityError, ModelLoadError
 
     cfg = resolve(config, set_)

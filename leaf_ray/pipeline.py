@@ -2,7 +2,7 @@
 
     (teacher responses) -> ingest -> detection -> distillation (per variant) -> evaluation -> comparison
 
-Everything lands under one run directory. Each stage writes `<run dir>/<stage>/_SUCCESS.json` when its outputs
+Everything lands under one run directory (`leaf_ray.store`). Each stage writes `<run dir>/_stages/<stage>.json` when its outputs
 are complete; a rerun skips such stages (resume), so a killed job picks up at the stage it was in (stages are
 themselves resumable inside). One MLflow parent run records the lineage; each stage logs a nested run.
 """
@@ -18,6 +18,7 @@ from typing import Any, Callable
 from rich.console import Console
 
 from leaf_ray.config import LeafConfig, ModelRef
+from leaf_ray.store import RunDir, write_json_atomic
 
 
 @dataclass
@@ -27,14 +28,10 @@ class ChainResult:
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-def _marker(cfg: LeafConfig, stage: str) -> Path:
-    return cfg.run.dir / "_stages" / f"{stage}.json"
-
-
 def _run_stage(cfg: LeafConfig, stage: str, fn: Callable[[], dict[str, Any]], console: Console,
                result: ChainResult) -> dict[str, Any]:
     """Run `fn` unless its success marker exists; record the outputs it returns in the marker."""
-    marker = _marker(cfg, stage)
+    marker = RunDir.of(cfg).stage_marker(stage)
     if marker.exists():
         info = json.loads(marker.read_text())
         console.print(f"[dim]skip {stage}: complete ({marker})[/dim]")
@@ -44,9 +41,7 @@ def _run_stage(cfg: LeafConfig, stage: str, fn: Callable[[], dict[str, Any]], co
         info = fn()
         info["seconds"] = round(time.time() - t0, 1)
         marker.parent.mkdir(parents=True, exist_ok=True)
-        tmp = marker.with_suffix(".tmp")
-        tmp.write_text(json.dumps(info, indent=2, default=str))
-        tmp.replace(marker)  # atomic: a killed stage never looks complete
+        write_json_atomic(marker, info, default=str)  # a killed stage never looks complete
     result.stages[stage] = info
     return info
 
@@ -129,7 +124,7 @@ def run_pipeline(cfg: LeafConfig, console: Console | None = None) -> ChainResult
     run_ids: dict[str, str | None] = {}
     for variant in cfg.pipeline.variants:
         def distill(variant=variant):
-            from leaf_ray.distill.trainer import run_distillation
+            from leaf_ray.distill.driver import run_distillation
 
             return _as_dict(run_distillation(cfg, variant=variant, parent_run_id=parent_id, console=console))
 

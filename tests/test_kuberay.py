@@ -78,7 +78,7 @@ def _pool_demands(cfg: LeafConfig) -> dict[str, tuple[dict[str, float], int]]:
     """Each Ray resource bundle the config asks for, with how many of them run at once (at most), taken from
     the code that makes the requests: `PoolConfig.ray_resources` (every actor pool) and the trainer's
     `worker_resources` (Ray Train's resources_per_worker)."""
-    from leaf_ray.distill.trainer import worker_resources
+    from leaf_ray.distill.driver import worker_resources
 
     det, tr = cfg.detection, cfg.distill.resources
     train = worker_resources(cfg)

@@ -65,7 +65,7 @@ def test_distillation_run_is_recorded_in_mlflow(ray_local, tiny_pair, tmp_path, 
     from mlflow import MlflowClient
 
     from leaf_ray.bench.distill import write_synthetic_inputs
-    from leaf_ray.distill.trainer import run_distillation
+    from leaf_ray.distill.driver import run_distillation
     from leaf_ray.tracking import git_commit
 
     cfg = config_from_dict({

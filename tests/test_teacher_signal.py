@@ -7,9 +7,19 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from leaf_ray.distill.loss import hybrid_kl_loss, kl_rows_full, kl_rows_topk
+from leaf_ray.distill.loss import hybrid_kl_loss, kl_and_grad_rows_full, kl_and_grad_rows_topk
 from leaf_ray.distill.teacher import OnlineTeacher, TeacherTopK, TopKCacheTeacher
 from leaf_ray.distill.topk_cache import SCHEMA, topk_rows
+
+
+def kl_rows_full(student_logits, teacher_logits, temperature):
+    """KL_pos of rows ``[n, V]`` against full teacher logits -> fp32 [n]."""
+    return kl_and_grad_rows_full(student_logits, teacher_logits, temperature)[0]
+
+
+def kl_rows_topk(student_logits, topk_ids, topk_logprobs, tail_logprob, temperature):
+    """Bucketed KL_pos against a top-k teacher -> fp32 [n]."""
+    return kl_and_grad_rows_topk(student_logits, topk_ids, topk_logprobs, tail_logprob, temperature)[0]
 
 
 def logits_pair(seed=0, rows=12, vocab=40):

@@ -52,7 +52,7 @@ def history(cfg, result, key):
 
 
 def distill(cfg, variant="leaf_instr"):
-    from leaf_ray.distill.trainer import run_distillation
+    from leaf_ray.distill.driver import run_distillation
 
     return run_distillation(cfg, variant=variant)
 
@@ -193,7 +193,7 @@ def test_deepspeed_config_follows_the_config_tree(cfg_factory):
 
 
 def test_variants(cfg_factory):
-    from leaf_ray.distill.trainer import variant_config
+    from leaf_ray.distill.driver import variant_config
 
     cfg = cfg_factory()
     assert variant_config(cfg, "kd").distill.use_counterfactuals is False
@@ -241,8 +241,7 @@ def test_target_position_teacher_gives_the_full_teacher_loss(tiny_pair):
 
     from leaf_ray.config import ModelRef
     from leaf_ray.distill.loss import hybrid_kl_loss
-    from leaf_ray.distill.teacher import OnlineTeacher
-    from leaf_ray.distill.trainer import TargetLogitsTeacher
+    from leaf_ray.distill.teacher import OnlineTeacher, TargetLogitsTeacher
     from leaf_ray.models import load_model
 
     teacher = load_model(ModelRef(path=tiny_pair["teacher"]))

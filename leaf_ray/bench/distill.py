@@ -1,7 +1,7 @@
 """`leaf-ray bench distill`: this trainer's step vs a loop mirroring the reference release, side by side.
 
 1. Throughput. On the same rows and models, in one process, after warm-up steps:
-   - *this trainer*: :func:`leaf_ray.distill.trainer.train_step` itself (a DeepSpeed engine, the grouping
+   - *this trainer*: :meth:`leaf_ray.distill.trainer.DistillRecipe.train_step` itself (a DeepSpeed engine, the grouping
      sampler, dynamic padding, the chunked hybrid KL);
    - *reference-style loop*: what the LeaF release's distillation does per step: every sequence padded to
      ``data.max_length``, teacher and student logits over the whole padded batch, the KL computed on the full
@@ -191,7 +191,7 @@ def time_loops(cfg: LeafConfig, rows, *, steps: int, warmup: int) -> tuple[LoopT
     Their steps are interleaved (one of ours, one of the reference's, ...) so that a machine whose load changes
     during the bench slows both alike; wall-clock and process CPU seconds are both recorded."""
     from leaf_ray.distill.data import plan_epoch
-    from leaf_ray.distill.trainer import accumulation_steps, build_student, build_teacher, train_step
+    from leaf_ray.distill.trainer import DistillRecipe, World, accumulation_steps, build_student, build_teacher
     from leaf_ray.models import load_tokenizer
 
     _init_single_process_group()
@@ -203,6 +203,8 @@ def time_loops(cfg: LeafConfig, rows, *, steps: int, warmup: int) -> tuple[LoopT
     teacher = build_teacher(cfg, 1, accum, "cpu")
     ours_engine = build_student(cfg, 1, accum, total)
     ref_engine = build_student(cfg, 1, accum, total, with_loss=False)
+    recipe = DistillRecipe(cfg, World(rank=0, size=1, accum=accum), engine=ours_engine, teacher=teacher,
+                           train_rows=rows, pad_id=pad_id)
 
     plans: list = []
     while sum(len(p.steps) for p in plans) < total:
@@ -213,7 +215,7 @@ def time_loops(cfg: LeafConfig, rows, *, steps: int, warmup: int) -> tuple[LoopT
     ours, ref = LoopTiming("this trainer"), LoopTiming("reference-style")
     for k, (plan, s) in enumerate(schedule):
         cpu0 = time.process_time()
-        m = train_step(ours_engine, teacher, rows, plan, s, 0, 1, accum, pad_id, dcfg)
+        m = recipe.train_step(plan, s)
         cpu1 = time.process_time()
         n, real, sec = reference_step(ref_engine, teacher.model, rows, order, k, micro, accum, cfg.data.max_length,
                                       pad_id, dcfg.temperature)
@@ -240,10 +242,10 @@ def run_distill_bench(cfg: LeafConfig, console, *, steps: int = 10, warmup: int 
 
     from rich.table import Table
 
-    from leaf_ray.distill.trainer import absolute_paths
+    from leaf_ray.raycluster import for_workers
     from leaf_ray.models import ensure_tiny_pair, load_tokenizer
 
-    cfg = absolute_paths(cfg)
+    cfg = for_workers(cfg)
     ensure_tiny_pair(cfg)
     tokenizer = load_tokenizer(cfg.models.student)
     results: dict = {}

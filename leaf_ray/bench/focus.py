@@ -138,7 +138,7 @@ def run_focus_bench(cfg: LeafConfig, *, prepare: bool = False, console: "Console
         seed_cfg = seed_config(base, root, k)
         for variant in focus.variants:
             def distill_and_evaluate(seed_cfg=seed_cfg, variant=variant) -> dict:
-                from leaf_ray.distill.trainer import run_distillation
+                from leaf_ray.distill.driver import run_distillation
 
                 result = run_distillation(seed_cfg, variant=variant, console=console, parent_run_id=parent_id)
                 info = evaluate_model(seed_cfg, ModelRef(path=str(result.export_dir)), variant,

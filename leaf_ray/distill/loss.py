@@ -174,18 +174,6 @@ def _kl_and_grad_topk(x: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: to
     return kl, grad.mul_(temperature * weights[:, None])
 
 
-def kl_rows_full(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                 temperature: float) -> torch.Tensor:
-    """KL_pos of rows ``[n, V]`` against full teacher logits (:func:`kl_and_grad_rows_full`) -> fp32 [n]."""
-    return kl_and_grad_rows_full(student_logits, teacher_logits, temperature)[0]
-
-
-def kl_rows_topk(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
-                 tail_logprob: torch.Tensor | None, temperature: float) -> torch.Tensor:
-    """Bucketed KL_pos against a top-k teacher (see :func:`kl_and_grad_rows_topk`) -> fp32 [n]."""
-    return kl_and_grad_rows_topk(student_logits, topk_ids, topk_logprobs, tail_logprob, temperature)[0]
-
-
 # --------------------------------------------------------------------------- bookkeeping
 
 

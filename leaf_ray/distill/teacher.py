@@ -4,7 +4,8 @@ A :class:`TeacherSignal` is called once per training batch and returns a *teache
 :func:`leaf_ray.distill.loss.hybrid_kl_loss` consumes:
 
 - :class:`OnlineTeacher` runs the frozen teacher on the same input ids as the student (under ``no_grad``) and
-  returns :class:`TeacherLogits` (full teacher logits).
+  returns :class:`TeacherLogits` (full teacher logits); :class:`TargetLogitsTeacher` does the same but runs
+  the LM head on the target positions only (packed logits).
 - :class:`TopKCacheTeacher` looks the batch's rows up in the offline top-k cache written by
   :mod:`leaf_ray.distill.topk_cache` and returns :class:`TeacherTopK` (k token ids + log-probs + tail mass).
 
@@ -82,6 +83,26 @@ class OnlineTeacher:
         with torch.no_grad():
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return TeacherLogits(logits=out.logits)
+
+
+class TargetLogitsTeacher:
+    """The replicated online teacher, returning its logits only where the loss reads them.
+
+    The loss visits position ``t − 1`` of every target token ``t`` (row-major, see :mod:`leaf_ray.distill.loss`);
+    the teacher's LM head runs on those hidden states only and the result is packed ``[N, V]``
+    (:class:`TeacherLogits`, packed layout). Prompt and padding positions never get teacher logits, and no
+    ``[B, T, V]`` teacher tensor exists. Values equal the full forward's.
+    """
+
+    def __init__(self, model):
+        self.model = model.eval()
+
+    def __call__(self, input_ids, attention_mask, target_mask, keys=None):
+        with torch.no_grad():
+            hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                              use_cache=False).last_hidden_state
+            rows, positions = (target_mask[:, 1:] != 0).nonzero(as_tuple=True)  # position t − 1 of target t
+            return TeacherLogits(self.model.get_output_embeddings()(hidden[rows, positions]))
 
 
 TopKLookup = Union[Mapping[str, Mapping], Callable[[str], Mapping]]

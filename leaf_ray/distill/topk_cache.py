@@ -41,8 +41,6 @@ Parquet schema (one row per training row; ``n`` = its number of target tokens)::
 
 from __future__ import annotations
 
-import shutil
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,6 +50,7 @@ import pyarrow as pa
 import torch
 
 from leaf_ray.distill.teacher import TopKCacheTeacher
+from leaf_ray.store import RunDir, replace_parquet_dir, spec_changes, spec_path
 
 if TYPE_CHECKING:
     import ray.data
@@ -135,11 +134,12 @@ class TopKTeacherBatch:
         return pa.Table.from_pylist(out, schema=SCHEMA)
 
 
-def build_topk_cache(rows: "pa.Table | ray.data.Dataset", out_dir: str | Path, *, teacher: "ModelRef",
-                     tokenizer: "ModelRef", k: int, temperature: float, vocab_size: int, max_length: int,
-                     pool: "PoolConfig") -> Path:
+def build_topk_cache(rows: pa.Table | ray.data.Dataset, out_dir: str | Path, *, teacher: ModelRef,
+                     tokenizer: ModelRef, k: int, temperature: float, vocab_size: int, max_length: int,
+                     pool: PoolConfig) -> Path:
     """Run the cache pass over training rows (:func:`leaf_ray.distill.data.build_rows` columns) into
-    ``out_dir`` (rebuilt from scratch: written beside it, then swapped in). Ray must be initialised.
+    ``out_dir`` (rebuilt from scratch: written beside it, then swapped in, with its spec recorded inside, see
+    :func:`topk_spec`). Ray must be initialised.
 
     ``tokenizer`` must be the one the trainer tokenises with (the student's); ``vocab_size`` the student's.
     """
@@ -149,42 +149,59 @@ def build_topk_cache(rows: "pa.Table | ray.data.Dataset", out_dir: str | Path, *
     missing = [c for c in ROW_COLUMNS if c not in ds.schema().names]
     if missing:
         raise ValueError(f"top-k cache: training rows lack column(s) {missing}; has {ds.schema().names}")
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.with_name(f".{out_dir.name}.{uuid.uuid4().hex[:8]}.tmp")
-    ds.select_columns(list(ROW_COLUMNS)).map_batches(
+    scored = ds.select_columns(list(ROW_COLUMNS)).map_batches(
         TopKTeacherBatch, batch_format="pyarrow",
         fn_constructor_kwargs=dict(teacher_ref=teacher.model_dump(), tokenizer_ref=tokenizer.model_dump(),
                                    k=k, temperature=temperature, vocab_size=vocab_size,
                                    max_length=max_length),
         **pool.map_batches_kwargs(),
-    ).write_parquet(str(staging))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    staging.rename(out_dir)
-    return out_dir
+    )
+    spec = topk_spec(teacher=teacher, tokenizer=tokenizer, k=k, temperature=temperature, vocab_size=vocab_size,
+                     max_length=max_length)
+    return replace_parquet_dir(Path(out_dir), scored, spec=spec)
 
 
-def cache_dir_for(cfg: "LeafConfig") -> Path:
+def topk_spec(*, teacher: ModelRef, tokenizer: ModelRef, k: int, temperature: float, vocab_size: int,
+              max_length: int) -> dict[str, Any]:
+    """What decides the cached numbers: a cache made with another spec is rebuilt, never reused."""
+    return {"teacher": teacher.model_dump(mode="json"), "tokenizer": tokenizer.model_dump(mode="json"), "k": k,
+            "temperature": temperature, "vocab_size": vocab_size, "max_length": max_length}
+
+
+def cache_dir_for(cfg: LeafConfig) -> Path:
     if cfg.distill.topk_cache_dir:
         return Path(cfg.distill.topk_cache_dir)
-    return cfg.run.dir / "distill" / "topk_cache"
+    return RunDir.of(cfg).topk_cache
 
 
-def build_topk_cache_for_config(cfg: "LeafConfig", rows: "pa.Table | ray.data.Dataset") -> Path:
-    """:func:`build_topk_cache` with everything taken from the config (student vocab read from its config)."""
-    from transformers import AutoConfig
-
+def cache_settings_for(cfg: LeafConfig) -> dict[str, Any]:
+    """:func:`build_topk_cache`'s settings taken from the config (the distribution is over the shared
+    tokenizer's tokens: padded vocabulary rows are cut, as in the online loss)."""
     from leaf_ray.config import ModelRef
-    from leaf_ray.models import resolve_local_path
+    from leaf_ray.models import check_pair
 
     student = cfg.models.student
-    vocab_size = int(AutoConfig.from_pretrained(str(resolve_local_path(student.path)), local_files_only=True)
-                     .vocab_size)
+    vocab_size = check_pair(cfg.models)
     tokenizer = ModelRef(path=student.tokenizer_path or student.path, gguf_file=student.gguf_file)
-    return build_topk_cache(rows, cache_dir_for(cfg), teacher=cfg.models.teacher, tokenizer=tokenizer,
-                            k=cfg.distill.topk, temperature=cfg.distill.temperature, vocab_size=vocab_size,
-                            max_length=cfg.data.max_length, pool=cfg.distill.topk_pool)
+    return dict(teacher=cfg.models.teacher, tokenizer=tokenizer, k=cfg.distill.topk,
+                temperature=cfg.distill.temperature, vocab_size=vocab_size, max_length=cfg.data.max_length)
+
+
+def ensure_topk_cache(cfg: LeafConfig, rows: pa.Table, say) -> Path:
+    """Reuse the cache of `cfg` when it was made with the same spec and covers every row; else (re)build it."""
+    path, settings = cache_dir_for(cfg), cache_settings_for(cfg)
+    changed = spec_changes(spec_path(path), topk_spec(**settings))
+    if path.exists() and changed is None:
+        say(f"top-k cache at {path} records no spec: rebuilding")
+    elif path.exists() and changed:
+        say(f"top-k cache at {path} was made with other settings ({', '.join(changed[:6])}): rebuilding")
+    elif path.exists():
+        missing = [k for k in rows.column("row_key").to_pylist() if k not in TopKCacheLookup(path)]
+        if not missing:
+            return path
+        say(f"top-k cache at {path} lacks {len(missing)} rows (e.g. {missing[0]!r}): rebuilding")
+    say(f"building the teacher top-k cache (k={cfg.distill.topk}) at {path}")
+    return build_topk_cache(rows, path, pool=cfg.distill.topk_pool, **settings)
 
 
 class TopKCacheLookup(Mapping):
@@ -221,10 +238,10 @@ class TopKCacheLookup(Mapping):
             i = self.index[key]
         except KeyError:
             raise KeyError(f"top-k cache {self.path} has no row for key {key!r}") from None
-        col = lambda name: self.table.column(name)[i]  # noqa: E731
+        col = lambda name: self.table.column(name)[i]
         k = col("k").as_py()
         n = len(col("target_ids"))
-        nested = lambda name, dtype: np.asarray(col(name).values.flatten(), dtype=dtype).reshape(n, k)  # noqa: E731
+        nested = lambda name, dtype: np.asarray(col(name).values.flatten(), dtype=dtype).reshape(n, k)
         return dict(target_ids=np.asarray(col("target_ids").values, dtype=np.int64),
                     target_positions=np.asarray(col("target_positions").values, dtype=np.int64),
                     topk_ids=nested("topk_ids", np.int64), topk_logprobs=nested("topk_logprobs", np.float32),

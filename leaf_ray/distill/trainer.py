@@ -1,13 +1,12 @@
 """Stage 2 of LeaF: hybrid-KL causal attention distillation on Ray Train + DeepSpeed (DESIGN §1 Stage 2).
 
-Read this file top to bottom:
+The driver (:func:`leaf_ray.distill.driver.run_distillation`: the variant's rows, Ray Data tokenising, the MLflow
+run, the ``TorchTrainer``) starts :func:`train_worker` on every rank. Read this file top to bottom:
 
-1. :func:`run_distillation` (the driver): picks the variant's rows (originals, + counterfactuals for LeaF),
-   tokenises them with Ray Data, opens the MLflow run, runs a Ray Train ``TorchTrainer`` and returns where the
-   exported student is.
-2. :func:`train_worker` (every rank): a DeepSpeed student and a frozen teacher, resume from the last
-   checkpoint, the epoch loop (:func:`train_step`), validation, checkpoints, the best-model export.
-3. The helpers it calls, in that order.
+1. :func:`train_worker` and :class:`DistillRecipe`, in the torchtune manner: ``setup`` (a DeepSpeed student, a
+   frozen teacher, the rows, the world, resumed from the last checkpoint), ``train`` (the epoch loop of
+   ``train_step``), ``validate``, ``save_checkpoint`` / ``save_best``, ``export``.
+2. The helpers they call, in that order.
 
 The loss is :mod:`leaf_ray.distill.loss` (``L = λ·KL_orig + (1−λ)·KL_cf``), computed inside the module DeepSpeed
 wraps (:class:`StudentWithLoss`; by default the student's logits are built per chunk of target positions, never
@@ -42,7 +41,6 @@ best-model export) must be shared storage, as Ray Train requires.
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import shutil
@@ -53,189 +51,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
 from leaf_ray.config import LeafConfig, config_from_dict
 from leaf_ray.distill.data import (
-    VARIANT_SCOPES,
     DistillDataError,
     TokenizedRows,
     collate,
-    load_rows,
     padding_micro_batch,
     plan_epoch,
     steps_per_epoch,
 )
-
-# Columns the workers need (the text columns stay behind in the driver).
-WORKER_COLUMNS = ["row_key", "group", "is_counterfactual", "scope", "span_index", "input_ids", "target_mask"]
-
-
-@dataclass
-class DistillResult:
-    export_dir: Path
-    mlflow_run_id: str | None
-    best_val_loss: float | None
-    steps: int
-    variant: str = "leaf_instr"
-    best_step: int | None = None
-    train_rows: int = 0
-    counterfactual_rows: int = 0
-
-
-# =========================================================================== 1. the driver
-
-
-def run_distillation(cfg: LeafConfig, *, variant: str | None = None, console=None,
-                     parent_run_id: str | None = None) -> DistillResult:
-    """Distil the student for one variant ("kd" = KD w/o mask, "leaf_instr", "leaf_instr_resp").
-
-    Outputs under ``<run dir>/distill/<variant>/``: ``model/`` (the best student by validation loss, a
-    ``save_pretrained`` directory with the tokenizer), ``ray/`` (Ray Train checkpoints), ``summary.json``.
-    """
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from leaf_ray.raycluster import init_ray
-
-    variant = variant or ("leaf_instr" if cfg.distill.use_counterfactuals else "kd")
-    cfg = variant_config(absolute_paths(cfg), variant)
-    dcfg = cfg.distill
-    out_dir = cfg.run.dir / "distill" / variant
-    say = console.print if console is not None else (lambda *a, **k: None)
-
-    # -- rows: originals (+ counterfactuals), split by the originals' split
-    check_models(cfg)
-    rows, counterfactuals = load_rows(cfg.run.dir, variant, dcfg.use_counterfactuals)
-    splits = {s: rows.filter(_split_mask(rows, s)) for s in ("train", "validation")}
-    if splits["train"].num_rows == 0:
-        raise DistillDataError(f"no training rows in {cfg.run.dir / 'data' / 'clean'} (split == 'train')")
-    n_cf = int(pc.sum(splits["train"].column("is_counterfactual")).as_py() or 0)
-
-    def result(summary: dict) -> DistillResult:
-        return DistillResult(export_dir=out_dir / "model", mlflow_run_id=summary.get("mlflow_run_id"),
-                             best_val_loss=summary["best_val_loss"], steps=summary["steps"], variant=variant,
-                             best_step=summary["best_step"], train_rows=splits["train"].num_rows,
-                             counterfactual_rows=n_cf)
-
-    # A rerun of the same command resumes (or, when finished, returns) the run in out_dir; never a different one.
-    check_same_run(out_dir, cfg, rows)
-    summary = json.loads((out_dir / "summary.json").read_text()) if (out_dir / "summary.json").exists() else {}
-    if "mlflow_run_id" in summary:  # written last, once the export is logged
-        say(f"distill [{variant}]: already complete in {out_dir}")
-        return result(summary)
-    world = dcfg.resources.num_workers
-    accum = accumulation_steps(dcfg.global_batch_size, dcfg.micro_batch_size, world)
-    say(f"distill [{variant}]: {splits['train'].num_rows} train rows ({n_cf} counterfactual), "
-        f"{splits['validation'].num_rows} validation rows; {world} worker(s) × micro {dcfg.micro_batch_size} "
-        f"× accumulation {accum} = global batch {dcfg.global_batch_size}")
-
-    # -- Ray Data: tokenise once (chat template, target masks), materialised for every worker to read
-    init_ray(cfg)
-    tokenized = tokenized_dataset(rows, cfg)
-    stats = dataset_stats(tokenized)
-    datasets = {name: tokenized.filter(expr=f"split == '{name}'").select_columns(WORKER_COLUMNS).materialize()
-                for name, table in splits.items() if table.num_rows}
-    if dcfg.teacher_mode == "topk_cache":
-        ensure_topk_cache(cfg, rows, say)
-    if stats.get("train.truncated"):
-        say(f"[yellow]{stats['train.truncated']} training rows truncated to data.max_length="
-            f"{cfg.data.max_length}[/yellow]")
-
-    # -- MLflow: the run is opened here; rank 0 logs per-step metrics into it
-    tracking = start_tracking(cfg, variant, out_dir, parent_run_id, stats, counterfactuals)
-
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"cfg": cfg.dump(), "variant": variant, "out_dir": str(out_dir), "tracking": tracking},
-        scaling_config=ScalingConfig(num_workers=world, use_gpu=dcfg.resources.use_gpu,
-                                     resources_per_worker=worker_resources(cfg)),
-        torch_config=TorchConfig(backend="nccl" if dcfg.resources.use_gpu else "gloo"),
-        datasets=datasets,
-        # Every worker reads the whole (small, tokenised) split and takes its share from the deterministic plan:
-        # that keeps groups intact across ranks, gives every rank the same number of steps, and makes the
-        # epoch order reproducible on resume (Ray Data's streaming split is neither).
-        dataset_config=DataConfig(datasets_to_split=[]),
-        run_config=RunConfig(name="ray", storage_path=str(out_dir),
-                             failure_config=FailureConfig(max_failures=dcfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=dcfg.keep_checkpoints)),
-    )
-    try:
-        trainer.fit()
-    except Exception:
-        end_tracking(tracking, status="FAILED")
-        raise
-    summary = json.loads((out_dir / "summary.json").read_text()) | {"mlflow_run_id": tracking.get("run_id")}
-    finish_tracking(tracking, out_dir / "model", summary)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    say(f"distill [{variant}]: {summary['steps']} steps, best validation loss {summary['best_val_loss']} "
-        f"(step {summary['best_step']}); model in {out_dir / 'model'}")
-    return result(summary)
-
-
-def variant_config(cfg: LeafConfig, variant: str) -> LeafConfig:
-    """A copy of ``cfg`` for ``variant``: "kd" turns counterfactuals off (KD w/o mask)."""
-    if variant not in VARIANT_SCOPES:
-        raise DistillDataError(f"unknown variant {variant!r}; expected one of {sorted(VARIANT_SCOPES)}")
-    cfg = cfg.model_copy(deep=True)
-    if variant == "kd":
-        cfg.distill.use_counterfactuals = False
-    elif not cfg.distill.use_counterfactuals:
-        raise DistillDataError(f"variant {variant!r} trains on counterfactuals but distill.use_counterfactuals is "
-                               "false; use variant 'kd' for KD w/o mask")
-    return cfg
-
-
-def check_same_run(out_dir: Path, cfg: LeafConfig, rows) -> None:
-    """``out_dir`` holds at most one run: its config (what shapes training, not tracking or the crash hook) and
-    row keys are fingerprinted; resuming with a different one is an error, never a silent mix."""
-    import hashlib
-
-    tree = cfg.dump()
-    for key in ("tracking", "ray", "pipeline", "evaluation", "generation", "detection"):
-        tree.pop(key, None)
-    for key in ("fail_at_step", "max_failures", "keep_checkpoints"):
-        tree["distill"].pop(key, None)
-    tree["row_keys"] = rows.column("row_key").to_pylist()
-    fingerprint = hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    f = out_dir / "fingerprint"
-    if f.exists() and f.read_text().strip() != fingerprint:
-        raise DistillDataError(
-            f"{out_dir} holds a distillation run with a different configuration or data; resuming it would mix "
-            "the two. Delete that directory or choose another run.name.")
-    f.write_text(fingerprint)
-
-
-def absolute_paths(cfg: LeafConfig) -> LeafConfig:
-    """Ray workers do not share the driver's working directory: make every path absolute."""
-    cfg = cfg.model_copy(deep=True)
-    cfg.run.root_dir = str(Path(cfg.run.root_dir).resolve())
-    for ref in (cfg.models.teacher, cfg.models.student):
-        ref.path = str(Path(ref.path).expanduser().resolve())
-        if ref.tokenizer_path:
-            ref.tokenizer_path = str(Path(ref.tokenizer_path).expanduser().resolve())
-    if cfg.distill.topk_cache_dir:
-        cfg.distill.topk_cache_dir = str(Path(cfg.distill.topk_cache_dir).expanduser().resolve())
-    return cfg
-
-
-def check_models(cfg: LeafConfig) -> None:
-    """One tokenizer and a teacher vocabulary covering the student's (clear error before any worker starts)."""
-    from transformers import AutoConfig
-
-    from leaf_ray.models import check_distill_compatible, load_tokenizer
-
-    t_cfg = AutoConfig.from_pretrained(cfg.models.teacher.path, local_files_only=True)
-    s_cfg = AutoConfig.from_pretrained(cfg.models.student.path, local_files_only=True)
-    check_distill_compatible(load_tokenizer(cfg.models.teacher), load_tokenizer(cfg.models.student),
-                             t_cfg.vocab_size, s_cfg.vocab_size)
-
-
-def _split_mask(rows, split: str):
-    return pc.equal(rows.column("split"), split)
 
 
 def accumulation_steps(global_batch: int, micro_batch: int, world: int) -> int:
@@ -247,61 +73,8 @@ def accumulation_steps(global_batch: int, micro_batch: int, world: int) -> int:
     return global_batch // (micro_batch * world)
 
 
-def worker_resources(cfg: LeafConfig) -> dict[str, float]:
-    res = cfg.distill.resources
-    out = {"CPU": res.cpus_per_worker, **res.resources}
-    if res.use_gpu:
-        out["GPU"] = res.gpus_per_worker or 1.0
-    return out
 
-
-def tokenized_dataset(table, cfg: LeafConfig):
-    """Ray Data: rows -> (chat template, tokens, target mask), materialised in the object store."""
-    import ray
-
-    from leaf_ray.distill.data import TokenizeBatch
-
-    ref = cfg.models.student
-    tok_ref = {"path": ref.path, "tokenizer_path": ref.tokenizer_path, "gguf_file": ref.gguf_file}
-    ds = ray.data.from_arrow(table).map_batches(
-        TokenizeBatch, fn_constructor_kwargs={"tokenizer_ref": tok_ref, "max_length": cfg.data.max_length},
-        batch_format="pyarrow", batch_size=256, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=1),
-        num_cpus=0.5)
-    return ds.select_columns(WORKER_COLUMNS + ["split", "length", "n_targets", "truncated"]).materialize()
-
-
-def ensure_topk_cache(cfg: LeafConfig, rows, say) -> None:
-    """teacher_mode "topk_cache": (re)build the offline cache unless it already covers every row."""
-    from leaf_ray.distill.topk_cache import TopKCacheLookup, build_topk_cache_for_config, cache_dir_for
-
-    path = cache_dir_for(cfg)
-    if path.exists():
-        cached = TopKCacheLookup(path)
-        missing = [k for k in rows.column("row_key").to_pylist() if k not in cached]
-        if not missing:
-            return
-        say(f"top-k cache at {path} lacks {len(missing)} rows (e.g. {missing[0]!r}): rebuilding")
-    say(f"building the teacher top-k cache (k={cfg.distill.topk}) at {path}")
-    build_topk_cache_for_config(cfg, rows)
-
-
-def dataset_stats(tokenized) -> dict[str, int]:
-    """Row, token and truncation counts per split (logged to MLflow as ``data.*``)."""
-    import ray
-
-    cols = ["split", "is_counterfactual", "length", "n_targets", "truncated"]
-    t = pa.concat_tables(ray.get(tokenized.select_columns(cols).to_arrow_refs()))
-    out: dict[str, int] = {}
-    for name in ("train", "validation"):
-        part = t.filter(pc.equal(t.column("split"), name))
-        out[f"{name}.rows"] = part.num_rows
-        for col, key in (("is_counterfactual", "counterfactual_rows"), ("length", "tokens"),
-                         ("n_targets", "target_tokens"), ("truncated", "truncated")):
-            out[f"{name}.{key}"] = int(pc.sum(pc.cast(part.column(col), pa.int64())).as_py() or 0)
-    return out
-
-
-# =========================================================================== 2. every rank
+# =========================================================================== 1. every rank: the recipe
 
 
 @dataclass
@@ -315,101 +88,36 @@ class TrainState:
     best_step: int | None = None
 
 
+@dataclass(frozen=True)
+class World:
+    """This rank, the number of ranks, and the micro-batches each rank accumulates per optimizer step."""
+
+    rank: int
+    size: int
+    accum: int
+
+
 def train_worker(config: dict) -> None:
+    """Ray Train's loop on every rank: the recipe set up (and resumed from the latest checkpoint), trained, and
+    its best student exported."""
     import ray.train
-    import torch.distributed as dist
 
     cfg = config_from_dict(config["cfg"], "train_loop_config")
-    dcfg, variant, out_dir = cfg.distill, config["variant"], Path(config["out_dir"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    dcfg = cfg.distill
     if dcfg.resources.torch_threads:
         torch.set_num_threads(dcfg.resources.torch_threads)
     if not dcfg.resources.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    t_start = time.perf_counter()
-    # The crash-injection marker is read by every rank before any rank can write it (barrier below).
-    inject_crash = dcfg.fail_at_step is not None and not (out_dir / "crash_injected").exists()
-
-    # -- data: every rank holds the whole tokenised split, in a stable order; the plan picks its share
-    train_rows = read_rows("train")
-    val_rows = read_rows("validation")
-    accum = accumulation_steps(dcfg.global_batch_size, dcfg.micro_batch_size, world)
-    per_epoch = steps_per_epoch(len(train_rows), dcfg.micro_batch_size, world, accum)
-    total_steps = min(dcfg.max_steps or per_epoch * dcfg.epochs, per_epoch * dcfg.epochs)
-
-    # -- models: DeepSpeed student (client AdamW + schedule), frozen teacher signal
-    from leaf_ray.models import load_tokenizer
-
-    tokenizer = load_tokenizer(cfg.models.student)
-    engine = build_student(cfg, world, accum, total_steps)
-    teacher = build_teacher(cfg, world, accum, engine.device)
-    pad_id = tokenizer.pad_token_id
-
-    # -- resume
-    state = TrainState()
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt_dir:
-            state = restore_checkpoint(engine, Path(ckpt_dir), rank)
-    if rank == 0:
-        prune_best_models(out_dir, keep=state.best_step)
-    dist.barrier()
-    logger = MetricLogger(config["tracking"]) if rank == 0 else None
-    if rank == 0:
-        print(f"[leaf-ray distill] rank 0 ready in {time.perf_counter() - t_start:.1f}s: {len(train_rows)} train / "
-              f"{len(val_rows)} validation rows, {total_steps} steps ({per_epoch} per epoch), "
-              f"{torch.get_num_threads()} torch thread(s)"
-              + (f"; resumed at step {state.step} (epoch {state.epoch}, {state.step_in_epoch} steps into it)"
-                 if checkpoint is not None else ""), flush=True)
-
-    # -- the loop
-    while state.step < total_steps:
-        plan = plan_epoch(train_rows.group, train_rows.lengths, seed=cfg.run.seed, epoch=state.epoch,
-                          micro_batch_size=dcfg.micro_batch_size, world_size=world, accum_steps=accum,
-                          bucket_steps=dcfg.bucket_steps)
-        for s in range(state.step_in_epoch, len(plan.steps)):
-            metrics = train_step(engine, teacher, train_rows, plan, s, rank, world, accum, pad_id, dcfg)
-            state.step += 1
-            state.step_in_epoch = s + 1
-            metrics["epoch"] = state.epoch + state.step_in_epoch / len(plan.steps)
-            last = state.step >= total_steps
-            end_of_epoch = state.step_in_epoch == len(plan.steps)
-            validate_now = (dcfg.eval_every_steps and state.step % dcfg.eval_every_steps == 0) or (
-                not dcfg.eval_every_steps and end_of_epoch) or last
-            if validate_now and len(val_rows):
-                metrics.update(validate(engine, teacher, val_rows, rank, world, accum, pad_id, dcfg))
-                if state.best_val_loss is None or metrics["val_loss"] < state.best_val_loss:
-                    state.best_val_loss, state.best_step = metrics["val_loss"], state.step
-                    save_best_model(engine, out_dir, state.step, rank)
-            if end_of_epoch:
-                state.epoch += 1
-                state.step_in_epoch = 0
-            if logger:
-                logger.log(metrics, state.step)
-            if state.step % dcfg.checkpoint_every_steps == 0 or validate_now or last:
-                save_checkpoint(engine, state, rank, metrics)
-                if rank == 0:
-                    prune_best_models(out_dir, keep=state.best_step)
-            if inject_crash and state.step == dcfg.fail_at_step:
-                dist.barrier()
-                if rank == 0:
-                    (out_dir / "crash_injected").write_text(f"crashed after step {state.step}\n")
-                raise RuntimeError(f"distill.fail_at_step={dcfg.fail_at_step}: injected crash (first attempt)")
-            if last:
-                break
-
-    # -- export: the best student by validation loss (the final one when there is no validation split)
-    if not len(val_rows):
-        state.best_step = state.step
-        save_best_model(engine, out_dir, state.step, rank)
-    dist.barrier()
-    if rank == 0:
-        export_best_model(out_dir, state, tokenizer, variant)
-        summary = {"steps": state.step, "best_val_loss": state.best_val_loss, "best_step": state.best_step,
-                   "steps_per_epoch": per_epoch, "world_size": world, "accumulation_steps": accum}
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    dist.barrier()
+    ctx = ray.train.get_context()
+    size = ctx.get_world_size()
+    world = World(ctx.get_world_rank(), size, accumulation_steps(dcfg.global_batch_size, dcfg.micro_batch_size,
+                                                                 size))
+    # Every rank holds the whole tokenised split, in a stable order; the epoch plan picks its share.
+    recipe = DistillRecipe.setup(cfg, world, read_rows("train"), read_rows("validation"),
+                                 out_dir=Path(config["out_dir"]), variant=config["variant"],
+                                 tracking=config["tracking"], checkpoint=ray.train.get_checkpoint())
+    recipe.train()
+    recipe.export()
 
 
 def read_rows(split: str) -> TokenizedRows:
@@ -420,11 +128,258 @@ def read_rows(split: str) -> TokenizedRows:
     except KeyError:  # an empty split is not passed to the trainer
         shard = None
     if shard is None:
-        return TokenizedRows([], [], np.zeros(0, dtype=bool), [], [])
+        return no_rows()
     return TokenizedRows.from_batches(shard.iter_batches(batch_size=1024, batch_format="pyarrow"))
 
 
-# =========================================================================== 3. helpers, in call order
+def no_rows() -> TokenizedRows:
+    return TokenizedRows([], [], np.zeros(0, dtype=bool), [], [])
+
+
+def step_counts(dcfg, n_train: int, world: World) -> tuple[int, int]:
+    """(optimizer steps per epoch, steps of the whole run: `max_steps` if sooner than the last epoch's end)."""
+    per_epoch = steps_per_epoch(n_train, dcfg.micro_batch_size, world.size, world.accum)
+    return per_epoch, min(dcfg.max_steps or per_epoch * dcfg.epochs, per_epoch * dcfg.epochs)
+
+
+class DistillRecipe:
+    """One rank's distillation, in the torchtune manner: :meth:`setup` builds what the recipe holds (the
+    DeepSpeed student engine, the frozen teacher signal, the tokenised rows, the world, the train state),
+    :meth:`train` runs the epoch loop (:meth:`train_step`, :meth:`validate`, :meth:`save_checkpoint`,
+    :meth:`save_best`), :meth:`export` writes the best student. Built directly from an engine and a teacher
+    (benchmarks), it runs steps only."""
+
+    def __init__(self, cfg: LeafConfig, world: World, *, engine, teacher, train_rows: TokenizedRows,
+                 pad_id: int, val_rows: TokenizedRows | None = None, tokenizer=None, out_dir: Path | None = None,
+                 variant: str | None = None, logger=None):
+        self.cfg, self.dcfg, self.world = cfg, cfg.distill, world
+        self.engine, self.teacher, self.pad_id, self.tokenizer = engine, teacher, pad_id, tokenizer
+        self.train_rows, self.val_rows = train_rows, val_rows if val_rows is not None else no_rows()
+        self.out_dir, self.variant, self.logger = out_dir, variant, logger
+        self.per_epoch, self.total_steps = step_counts(self.dcfg, len(train_rows), world)
+        self.state = TrainState()
+        self.inject_crash = False
+
+    # ---- setup
+
+    @classmethod
+    def setup(cls, cfg: LeafConfig, world: World, train_rows: TokenizedRows, val_rows: TokenizedRows, *,
+              out_dir: Path, variant: str, tracking: dict[str, Any], checkpoint=None) -> DistillRecipe:
+        import torch.distributed as dist
+
+        from leaf_ray.models import load_tokenizer
+        from leaf_ray.tracking import MetricLogger
+
+        t_start = time.perf_counter()
+        dcfg = cfg.distill
+        # The crash-injection marker is read by every rank before any rank can write it (barrier below).
+        inject_crash = dcfg.fail_at_step is not None and not (out_dir / "crash_injected").exists()
+        # -- models: DeepSpeed student (client AdamW + schedule), frozen teacher signal
+        tokenizer = load_tokenizer(cfg.models.student)
+        engine = build_student(cfg, world.size, world.accum, step_counts(dcfg, len(train_rows), world)[1])
+        teacher = build_teacher(cfg, world.size, world.accum, engine.device)
+        recipe = cls(cfg, world, engine=engine, teacher=teacher, train_rows=train_rows, val_rows=val_rows,
+                     pad_id=tokenizer.pad_token_id, tokenizer=tokenizer, out_dir=out_dir, variant=variant,
+                     logger=MetricLogger(tracking) if world.rank == 0 else None)
+        recipe.inject_crash = inject_crash
+        # -- resume
+        if checkpoint is not None:
+            with checkpoint.as_directory() as ckpt_dir:
+                recipe.restore_checkpoint(Path(ckpt_dir))
+        if world.rank == 0:
+            prune_best_models(out_dir, keep=recipe.state.best_step)
+        dist.barrier()
+        if world.rank == 0:
+            state = recipe.state
+            print(f"[leaf-ray distill] rank 0 ready in {time.perf_counter() - t_start:.1f}s: {len(train_rows)} "
+                  f"train / {len(val_rows)} validation rows, {recipe.total_steps} steps ({recipe.per_epoch} per "
+                  f"epoch), {torch.get_num_threads()} torch thread(s)"
+                  + (f"; resumed at step {state.step} (epoch {state.epoch}, {state.step_in_epoch} steps into it)"
+                     if checkpoint is not None else ""), flush=True)
+        return recipe
+
+    # ---- train
+
+    def plan(self, epoch: int):
+        rows, dcfg = self.train_rows, self.dcfg
+        return plan_epoch(rows.group, rows.lengths, seed=self.cfg.run.seed, epoch=epoch,
+                          micro_batch_size=dcfg.micro_batch_size, world_size=self.world.size,
+                          accum_steps=self.world.accum, bucket_steps=dcfg.bucket_steps)
+
+    def train(self) -> None:
+        """From the restored position to `total_steps`: validation, checkpoints and the best model on their
+        schedule, the crash hook (`distill.fail_at_step`) once."""
+        import torch.distributed as dist
+
+        state, dcfg = self.state, self.dcfg
+        while state.step < self.total_steps:
+            plan = self.plan(state.epoch)
+            for s in range(state.step_in_epoch, len(plan.steps)):
+                metrics = self.train_step(plan, s)
+                state.step += 1
+                state.step_in_epoch = s + 1
+                metrics["epoch"] = state.epoch + state.step_in_epoch / len(plan.steps)
+                last = state.step >= self.total_steps
+                end_of_epoch = state.step_in_epoch == len(plan.steps)
+                validate_now = (dcfg.eval_every_steps and state.step % dcfg.eval_every_steps == 0) or (
+                    not dcfg.eval_every_steps and end_of_epoch) or last
+                if validate_now and len(self.val_rows):
+                    metrics.update(self.validate())
+                    if state.best_val_loss is None or metrics["val_loss"] < state.best_val_loss:
+                        state.best_val_loss, state.best_step = metrics["val_loss"], state.step
+                        self.save_best()
+                if end_of_epoch:
+                    state.epoch += 1
+                    state.step_in_epoch = 0
+                if self.logger:
+                    self.logger.log(metrics, state.step)
+                if state.step % dcfg.checkpoint_every_steps == 0 or validate_now or last:
+                    self.save_checkpoint(metrics)
+                    if self.world.rank == 0:
+                        prune_best_models(self.out_dir, keep=state.best_step)
+                if self.inject_crash and state.step == dcfg.fail_at_step:
+                    dist.barrier()
+                    if self.world.rank == 0:
+                        (self.out_dir / "crash_injected").write_text(f"crashed after step {state.step}\n")
+                    raise RuntimeError(f"distill.fail_at_step={dcfg.fail_at_step}: injected crash (first attempt)")
+                if last:
+                    break
+
+    def micro_batch(self, rows: TokenizedRows, indices):
+        """The collated rows of one slot of the plan; a zero-weight padding batch where this rank has none."""
+        if indices is None:
+            return padding_micro_batch(rows, self.pad_id)
+        return collate(rows, indices, self.pad_id)
+
+    def train_step(self, plan, step_index: int) -> dict[str, float]:
+        """Run this rank's ``accum`` micro-batches of optimizer step ``step_index``; return the step's metrics
+        aggregated over all ranks."""
+        engine, world = self.engine, self.world
+        t0 = time.perf_counter()
+        lr = float(engine.get_lr()[0])  # the rate this step's update uses (the scheduler advances in step())
+        weight = micro_batch_weight(plan.real_micro_batches(step_index), world.size, world.accum)
+        sums = StepSums()
+        grad_norm = None
+        for slot in plan.steps[step_index]:
+            indices = slot[world.rank]
+            batch = self.micro_batch(self.train_rows, indices)
+            kl = batch_loss(engine, self.teacher, batch)
+            # A padding micro-batch has no targets: its loss is a graph-connected 0 (all ranks must run backward).
+            engine.backward(kl.loss * (weight if indices is not None else 0.0))
+            if engine.is_gradient_accumulation_boundary() and self.dcfg.deepspeed.zero_stage == 0:
+                grad_norm = plain_grad_norm(engine)  # ZeRO-0 fp32 does not record it; grads are all-reduced here
+            engine.step()
+            if indices is not None:
+                sums.add(kl, batch)
+        grad_norm = engine.get_global_grad_norm() if engine.get_global_grad_norm() is not None else grad_norm
+        totals = sums.all_reduce()
+        seconds = time.perf_counter() - t0
+        target_tokens = totals["n_original"] + totals["n_counterfactual"]
+        return {
+            "loss": totals["loss"] / max(totals["micro_batches"], 1),
+            "kl_original": totals["kl_original"] / max(totals["n_original"], 1),
+            "kl_counterfactual": totals["kl_counterfactual"] / max(totals["n_counterfactual"], 1),
+            "lr": lr,
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "tokens_per_s": target_tokens / seconds,
+            "target_tokens": target_tokens,
+            "padding_fraction": 1.0 - totals["tokens"] / max(totals["padded_tokens"], 1),
+            "step_seconds": seconds,
+        }
+
+    # ---- validate
+
+    def validate(self) -> dict[str, float]:
+        """Validation loss over the whole validation split, independent of batching and world size:
+
+        ``val_loss = λ · mean_{orig tokens} KL + (1−λ) · mean_{cf tokens} KL`` (weighting "lambda"; a kind
+        absent from the split gives 0), or ``Σ KL / N`` over all target tokens (weighting "per_token").
+        """
+        rows, dcfg, world = self.val_rows, self.dcfg, self.world
+        plan = plan_epoch(rows.group, rows.lengths, seed=0, epoch=0, micro_batch_size=dcfg.micro_batch_size,
+                          world_size=world.size, accum_steps=world.accum, bucket_steps=dcfg.bucket_steps,
+                          shuffle=False)
+        sums = StepSums()
+        self.engine.eval()
+        with torch.no_grad():
+            for step in plan.steps:
+                for slot in step:
+                    indices = slot[world.rank]
+                    batch = self.micro_batch(rows, indices)
+                    kl = batch_loss(self.engine, self.teacher, batch)
+                    if indices is not None:
+                        sums.add(kl, batch)
+        self.engine.train()
+        t = sums.all_reduce()
+        kl_o = t["kl_original"] / max(t["n_original"], 1)
+        kl_c = t["kl_counterfactual"] / max(t["n_counterfactual"], 1)
+        if dcfg.weighting == "lambda":
+            val_loss = dcfg.lambda_ * kl_o + (1 - dcfg.lambda_) * kl_c
+        else:
+            val_loss = ((t["kl_original"] + t["kl_counterfactual"])
+                        / max(t["n_original"] + t["n_counterfactual"], 1))
+        return {"val_loss": val_loss, "val_kl_original": kl_o, "val_kl_counterfactual": kl_c,
+                "val_target_tokens": t["n_original"] + t["n_counterfactual"]}
+
+    # ---- checkpoint
+
+    def save_checkpoint(self, metrics: dict[str, float]) -> None:
+        """Every rank writes its DeepSpeed shard (+ RNG states) and reports it; Ray merges the ranks' files."""
+        import ray.train
+        from ray.train import Checkpoint
+
+        step = self.state.step
+        with tempfile.TemporaryDirectory(prefix="leaf-ray-ckpt-") as tmp:
+            self.engine.save_checkpoint(tmp, tag=f"step{step:07d}", client_state={"leaf_ray": asdict(self.state)})
+            torch.save(rng_states(), Path(tmp) / f"rng_rank{self.world.rank}.pt")
+            report = {k: v for k, v in metrics.items() if isinstance(v, (int, float))} | {"step": step}
+            ray.train.report(report, checkpoint=Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=f"checkpoint-step{step:07d}")
+
+    def restore_checkpoint(self, ckpt_dir: Path) -> None:
+        """DeepSpeed weights, optimizer and LR scheduler; step and data position; this rank's RNG states."""
+        load_path, client_state = self.engine.load_checkpoint(str(ckpt_dir), load_optimizer_states=True,
+                                                              load_lr_scheduler_states=True)
+        if load_path is None:
+            raise RuntimeError(f"no DeepSpeed checkpoint found in {ckpt_dir}")
+        rng_file = ckpt_dir / f"rng_rank{self.world.rank}.pt"
+        if rng_file.exists():
+            set_rng_states(torch.load(rng_file, weights_only=False))
+        self.state = TrainState(**client_state["leaf_ray"])
+
+    def save_best(self) -> None:
+        """``<out>/best/step-N`` for the current step (atomic rename); every rank joins the consolidation."""
+        state_dict = consolidated_state_dict(self.engine)
+        if self.world.rank != 0:
+            return
+        step = self.state.step
+        final = self.out_dir / "best" / f"step-{step:07d}"
+        tmp = self.out_dir / "best" / f".tmp-step-{step:07d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.engine.module.model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+
+    def export(self) -> None:
+        """The best student by validation loss (the final one when there is no validation split) to
+        ``<out>/model``, and ``summary.json``."""
+        import torch.distributed as dist
+
+        state = self.state
+        if not len(self.val_rows):
+            state.best_step = state.step
+            self.save_best()
+        dist.barrier()
+        if self.world.rank == 0:
+            export_best_model(self.out_dir, state, self.tokenizer, self.variant)
+            summary = {"steps": state.step, "best_val_loss": state.best_val_loss, "best_step": state.best_step,
+                       "steps_per_epoch": self.per_epoch, "world_size": self.world.size,
+                       "accumulation_steps": self.world.accum}
+            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        dist.barrier()
+
+
+# =========================================================================== 2. helpers, in call order
 
 # ---- models
 
@@ -524,7 +479,7 @@ def build_student(cfg: LeafConfig, world: int, accum: int, total_steps: int, *, 
 def build_teacher(cfg: LeafConfig, world: int, accum: int, device):
     """The frozen teacher signal: replicated module, ZeRO-3 partitioned module, or the offline top-k cache."""
     from leaf_ray.distill.ds_ops import import_deepspeed
-    from leaf_ray.distill.teacher import OnlineTeacher
+    from leaf_ray.distill.teacher import OnlineTeacher, TargetLogitsTeacher
     from leaf_ray.models import load_model
 
     mode = cfg.distill.teacher_mode
@@ -545,28 +500,6 @@ def build_teacher(cfg: LeafConfig, world: int, accum: int, device):
         model, _, _, _ = import_deepspeed().initialize(model=model, config=conf)
         model.eval()
     return OnlineTeacher(model)
-
-
-class TargetLogitsTeacher:
-    """The replicated online teacher, returning its logits only where the loss reads them.
-
-    The loss visits position ``t − 1`` of every target token ``t`` (row-major, see :mod:`leaf_ray.distill.loss`);
-    the teacher's LM head runs on those hidden states only and the result is packed ``[N, V]``
-    (:class:`~leaf_ray.distill.teacher.TeacherLogits`, packed layout). Prompt and padding positions never get
-    teacher logits, and no ``[B, T, V]`` teacher tensor exists. Values equal the full forward's.
-    """
-
-    def __init__(self, model):
-        self.model = model.eval()
-
-    def __call__(self, input_ids, attention_mask, target_mask, keys=None):
-        from leaf_ray.distill.teacher import TeacherLogits
-
-        with torch.no_grad():
-            hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                              use_cache=False).last_hidden_state
-            rows, positions = (target_mask[:, 1:] != 0).nonzero(as_tuple=True)  # position t − 1 of target t
-            return TeacherLogits(self.model.get_output_embeddings()(hidden[rows, positions]))
 
 
 # ---- one optimizer step
@@ -592,45 +525,6 @@ def batch_loss(engine, teacher, batch):
                  target_mask=batch["target_mask"], is_counterfactual=batch["is_counterfactual"],
                  teacher=teacher_batch)
     return KLOutput(**out)
-
-
-def train_step(engine, teacher, rows: TokenizedRows, plan, step_index: int, rank: int, world: int, accum: int,
-               pad_id: int, dcfg) -> dict[str, float]:
-    """Run this rank's ``accum`` micro-batches of optimizer step ``step_index``; return the step's metrics
-    aggregated over all ranks."""
-
-    t0 = time.perf_counter()
-    lr = float(engine.get_lr()[0])  # the rate this step's update uses (the scheduler advances in step())
-    n_real = plan.real_micro_batches(step_index)
-    weight = micro_batch_weight(n_real, world, accum)
-    sums = StepSums()
-    grad_norm = None
-    for slot in plan.steps[step_index]:
-        indices = slot[rank]
-        batch = collate(rows, indices, pad_id) if indices is not None else padding_micro_batch(rows, pad_id)
-        kl = batch_loss(engine, teacher, batch)
-        # A padding micro-batch has no targets: its loss is a graph-connected 0 (all ranks must run backward).
-        engine.backward(kl.loss * (weight if indices is not None else 0.0))
-        if engine.is_gradient_accumulation_boundary() and dcfg.deepspeed.zero_stage == 0:
-            grad_norm = plain_grad_norm(engine)  # ZeRO-0 fp32 does not record it; grads are all-reduced here
-        engine.step()
-        if indices is not None:
-            sums.add(kl, batch)
-    grad_norm = engine.get_global_grad_norm() if engine.get_global_grad_norm() is not None else grad_norm
-    totals = sums.all_reduce()
-    seconds = time.perf_counter() - t0
-    target_tokens = totals["n_original"] + totals["n_counterfactual"]
-    return {
-        "loss": totals["loss"] / max(totals["micro_batches"], 1),
-        "kl_original": totals["kl_original"] / max(totals["n_original"], 1),
-        "kl_counterfactual": totals["kl_counterfactual"] / max(totals["n_counterfactual"], 1),
-        "lr": lr,
-        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-        "tokens_per_s": target_tokens / seconds,
-        "target_tokens": target_tokens,
-        "padding_fraction": 1.0 - totals["tokens"] / max(totals["padded_tokens"], 1),
-        "step_seconds": seconds,
-    }
 
 
 @dataclass
@@ -667,68 +561,7 @@ def plain_grad_norm(engine) -> float:
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
-# ---- validation
-
-
-def validate(engine, teacher, rows: TokenizedRows, rank: int, world: int, accum: int, pad_id: int,
-             dcfg) -> dict[str, float]:
-    """Validation loss over the whole validation split, independent of batching and world size:
-
-    ``val_loss = λ · mean_{orig tokens} KL + (1−λ) · mean_{cf tokens} KL`` (weighting "lambda"; a kind absent
-    from the split gives 0), or ``Σ KL / N`` over all target tokens (weighting "per_token").
-    """
-
-    plan = plan_epoch(rows.group, rows.lengths, seed=0, epoch=0, micro_batch_size=dcfg.micro_batch_size,
-                      world_size=world, accum_steps=accum, bucket_steps=dcfg.bucket_steps, shuffle=False)
-    sums = StepSums()
-    engine.eval()
-    with torch.no_grad():
-        for step in plan.steps:
-            for slot in step:
-                indices = slot[rank]
-                batch = collate(rows, indices, pad_id) if indices is not None else padding_micro_batch(rows, pad_id)
-                kl = batch_loss(engine, teacher, batch)
-                if indices is not None:
-                    sums.add(kl, batch)
-    engine.train()
-    t = sums.all_reduce()
-    kl_o = t["kl_original"] / max(t["n_original"], 1)
-    kl_c = t["kl_counterfactual"] / max(t["n_counterfactual"], 1)
-    if dcfg.weighting == "lambda":
-        val_loss = dcfg.lambda_ * kl_o + (1 - dcfg.lambda_) * kl_c
-    else:
-        val_loss = (t["kl_original"] + t["kl_counterfactual"]) / max(t["n_original"] + t["n_counterfactual"], 1)
-    return {"val_loss": val_loss, "val_kl_original": kl_o, "val_kl_counterfactual": kl_c,
-            "val_target_tokens": t["n_original"] + t["n_counterfactual"]}
-
-
 # ---- checkpoints
-
-
-def save_checkpoint(engine, state: TrainState, rank: int, metrics: dict[str, float]) -> None:
-    """Every rank writes its DeepSpeed shard (+ RNG states) and reports it; Ray merges the ranks' files."""
-    import ray.train
-    from ray.train import Checkpoint
-
-    with tempfile.TemporaryDirectory(prefix="leaf-ray-ckpt-") as tmp:
-        engine.save_checkpoint(tmp, tag=f"step{state.step:07d}", client_state={"leaf_ray": asdict(state)})
-        torch.save(rng_states(), Path(tmp) / f"rng_rank{rank}.pt")
-        report = {k: v for k, v in metrics.items() if isinstance(v, (int, float))} | {"step": state.step}
-        ray.train.report(report, checkpoint=Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"checkpoint-step{state.step:07d}")
-
-
-def restore_checkpoint(engine, ckpt_dir: Path, rank: int) -> TrainState:
-    """DeepSpeed weights, optimizer and LR scheduler; step and data position; this rank's RNG states."""
-
-    load_path, client_state = engine.load_checkpoint(str(ckpt_dir), load_optimizer_states=True,
-                                                     load_lr_scheduler_states=True)
-    if load_path is None:
-        raise RuntimeError(f"no DeepSpeed checkpoint found in {ckpt_dir}")
-    rng_file = ckpt_dir / f"rng_rank{rank}.pt"
-    if rng_file.exists():
-        set_rng_states(torch.load(rng_file, weights_only=False))
-    return TrainState(**client_state["leaf_ray"])
 
 
 def rng_states() -> dict[str, Any]:
@@ -760,19 +593,6 @@ def consolidated_state_dict(engine) -> dict | None:
     return {k.removeprefix("model."): v for k, v in full.items()}
 
 
-def save_best_model(engine, out_dir: Path, step: int, rank: int) -> None:
-    """``<out>/best/step-N`` (atomic rename); every rank joins the consolidation."""
-    state_dict = consolidated_state_dict(engine)
-    if rank != 0:
-        return
-    final = out_dir / "best" / f"step-{step:07d}"
-    tmp = out_dir / "best" / f".tmp-step-{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    engine.module.model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-
-
 def prune_best_models(out_dir: Path, keep: int | None) -> None:
     """Keep only the best model the restored/latest state points to (a crashed attempt may leave newer ones)."""
     best = out_dir / "best"
@@ -798,89 +618,3 @@ def export_best_model(out_dir: Path, state: TrainState, tokenizer, variant: str)
     info_file.write_text(json.dumps({"variant": variant, "step": state.best_step,
                                      "val_loss": state.best_val_loss, "steps": state.step}, indent=2))
     return export
-
-
-# ---- MLflow
-
-
-def start_tracking(cfg: LeafConfig, variant: str, out_dir: Path, parent_run_id: str | None,
-                   stats: dict[str, int], counterfactuals) -> dict[str, Any]:
-    """Open (or, when resuming an unfinished run of this directory, reopen) the MLflow run; log params,
-    tags, the resolved config and a sample of the counterfactuals. -> {"uri", "run_id"} for the workers."""
-    if not cfg.tracking.enabled:
-        return {}
-    from leaf_ray.tracking import log_config, setup_mlflow
-
-    mlflow = setup_mlflow(cfg)
-    client = mlflow.MlflowClient()
-    run_file = out_dir / "mlflow_run_id"
-    if run_file.exists() and not (out_dir / "summary.json").exists():
-        run_id = run_file.read_text().strip()
-        client.update_run(run_id, status="RUNNING")
-        return {"uri": mlflow.get_tracking_uri(), "run_id": run_id}
-    (out_dir / "summary.json").unlink(missing_ok=True)
-    tags = {"leaf_ray.variant": variant, "leaf_ray.stage": "distill", "leaf_ray.run": cfg.run.name}
-    if parent_run_id:
-        tags["mlflow.parentRunId"] = parent_run_id
-    experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
-    run = client.create_run(experiment.experiment_id, run_name=f"{cfg.run.name}-{variant}", tags=tags)
-    run_id = run.info.run_id
-    run_file.write_text(run_id)
-    with mlflow.start_run(run_id=run_id):
-        log_config(cfg)
-        mlflow.log_params({"leaf_ray.variant": variant})
-        mlflow.log_metrics({f"data.{k}": float(v) for k, v in stats.items()})
-        if counterfactuals is not None and counterfactuals.num_rows:
-            used = [scope.split(":")[0] in VARIANT_SCOPES[variant]
-                    for scope in counterfactuals.column("scope").to_pylist()]
-            sample = counterfactuals.filter(pa.array(used)).slice(0, 50)
-            keep = [c for c in ("sample_id", "scope", "span_index", "char_start", "char_end", "removed_text",
-                                "instruction", "response_prefix", "output") if c in sample.column_names]
-            mlflow.log_table(sample.select(keep).to_pandas(), "counterfactuals_sample.json")
-    return {"uri": mlflow.get_tracking_uri(), "run_id": run_id}
-
-
-class MetricLogger:
-    """Rank 0's per-step metrics into the driver's MLflow run."""
-
-    def __init__(self, tracking: dict[str, Any]):
-        self.run_id = tracking.get("run_id")
-        self.client = None
-        if self.run_id:
-            from mlflow import MlflowClient
-
-            self.client = MlflowClient(tracking["uri"])
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        if self.client is None:
-            return
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
-                 if isinstance(v, (int, float)) and math.isfinite(float(v))]
-        self.client.log_batch(self.run_id, metrics=batch)
-
-
-def finish_tracking(tracking: dict[str, Any], export_dir: Path, summary: dict[str, Any]) -> None:
-    if not tracking:
-        return
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking["uri"])
-    with mlflow.start_run(run_id=tracking["run_id"]):
-        if summary.get("best_val_loss") is not None:
-            mlflow.log_metric("best_val_loss", summary["best_val_loss"])
-        mlflow.log_metric("best_step", summary["best_step"])
-        mlflow.log_metric("steps", summary["steps"])
-        mlflow.log_artifacts(str(export_dir), artifact_path="model")
-        mlflow.log_dict(summary, "summary.json")
-    end_tracking(tracking, status="FINISHED")
-
-
-def end_tracking(tracking: dict[str, Any], status: str) -> None:
-    if not tracking:
-        return
-    from mlflow import MlflowClient
-
-    MlflowClient(tracking["uri"]).set_terminated(tracking["run_id"], status=status)
