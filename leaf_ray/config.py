@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from leaf_ray.bench.config import BenchConfig
+
 
 class _Section(BaseModel):
     # extra="forbid": a typo in a YAML key is an error, never a silently ignored setting.
@@ -359,74 +361,6 @@ class PipelineConfig(_Section):
     evaluate: bool = True
 
 
-# --------------------------------------------------------------------------- benchmarks (bench focus)
-
-
-class FocusStudentSizes(_Section):
-    """Student architecture of `leaf-ray bench focus --prepare` (Qwen2-style; hidden/heads must be 64)."""
-
-    hidden_size: int = Field(128, ge=64)
-    intermediate_size: int = Field(256, ge=64)
-    num_hidden_layers: int = Field(2, ge=1)
-    num_attention_heads: int = Field(2, ge=1)
-    num_key_value_heads: int = Field(2, ge=1)
-
-
-class FocusTeacherSizes(FocusStudentSizes):
-    """Teacher architecture of `leaf-ray bench focus --prepare` (wider than the student)."""
-
-    hidden_size: int = Field(192, ge=64)
-    intermediate_size: int = Field(384, ge=64)
-    num_hidden_layers: int = Field(2, ge=1)
-    num_attention_heads: int = Field(3, ge=1)
-    num_key_value_heads: int = Field(3, ge=1)
-
-
-class FocusPrepareConfig(_Section):
-    """The from-scratch training recipe of the focus benchmark's teacher and student (leaf_ray/bench/focus_prepare.py)."""
-
-    vocab_size: int = Field(512, ge=300, description="Shared byte-level BPE vocabulary size.")
-    teacher: FocusTeacherSizes = Field(default_factory=FocusTeacherSizes,
-                                       description="Teacher architecture (trained on problems with distractors).")
-    student: FocusStudentSizes = Field(default_factory=FocusStudentSizes,
-                                       description="Student architecture (trained on clean problems only).")
-    steps: int = Field(1500, ge=1, description="Optimizer steps per model.")
-    teacher_clean_steps: int = Field(
-        500, ge=0, description="Curriculum: the teacher's first steps (of `steps`) on the clean view of its problems.")
-    batch_size: int = Field(32, ge=1)
-    lr: float = Field(2e-3, gt=0.0, description="One-cycle max learning rate (AdamW).")
-    seed: int = Field(0, ge=0, description="Init/shuffle seed (the student uses seed + 1).")
-    torch_threads: int = Field(2, ge=1, description="torch threads while training (part of the cache key: it changes float sums).")
-    check_size: int = Field(200, ge=1, description="Validation problems for the prepared models' accuracy check.")
-
-
-class FocusSizes(_Section):
-    """Problems per split of the focus task (leaf_ray/bench/focus_task.py)."""
-
-    prepare: int = Field(8000, ge=1, description="From-scratch training set of teacher and student.")
-    train: int = Field(384, ge=2, description="Corpus ingested, scored by detection and distilled on.")
-    validation: int = Field(200, ge=1)
-    test: int = Field(300, ge=1, description="Held-out problems with 1-2 distractors each.")
-
-
-class FocusBenchConfig(_Section):
-    """`leaf-ray bench focus`: the controlled confounder benchmark (leaf_ray/bench/focus.py)."""
-
-    task_seed: int = Field(0, ge=0, description="Seed of the generated task splits.")
-    max_number: int = Field(20, ge=2, le=1000, description="Largest number in a problem or distractor.")
-    sizes: FocusSizes = Field(default_factory=FocusSizes)
-    prepare: FocusPrepareConfig = Field(default_factory=FocusPrepareConfig)
-    seeds: int = Field(3, ge=1, le=20, description="Distillation seeds per variant (run.seed + 0, 1, ...).")
-    variants: list[Literal["kd", "leaf_instr", "leaf_instr_resp"]] = Field(
-        default_factory=lambda: ["kd", "leaf_instr", "leaf_instr_resp"])
-    attention_samples: int = Field(200, ge=1, description="Test problems for the attention measurement.")
-    heatmaps: int = Field(4, ge=0, description="Detection heatmaps logged to MLflow.")
-
-
-class BenchConfig(_Section):
-    focus: FocusBenchConfig = Field(default_factory=FocusBenchConfig)
-
-
 # --------------------------------------------------------------------------- root
 
 
@@ -526,44 +460,3 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             _set_dotted(tree, key, value, f"{source} --set {key}")
         source = f"{source} with --set {', '.join(overrides)}"
     return config_from_dict(tree, source)
-
-
-def _type_name(ann: Any) -> str:
-    import typing
-
-    origin = typing.get_origin(ann)
-    if origin is Literal:
-        return " &#124; ".join(json_repr(a) for a in typing.get_args(ann))
-    if origin is not None and str(origin) in ("typing.Union", "<class 'types.UnionType'>"):
-        return " &#124; ".join(_type_name(a) for a in typing.get_args(ann))
-    if ann is type(None):
-        return "null"
-    if origin is not None:
-        args = ", ".join(_type_name(a) for a in typing.get_args(ann))
-        return f"{getattr(origin, '__name__', str(origin))}[{args}]"
-    return getattr(ann, "__name__", str(ann))
-
-
-def json_repr(value: Any) -> str:
-    import json
-
-    return json.dumps(value, ensure_ascii=False)
-
-
-def iter_fields(model: type[BaseModel] = LeafConfig, prefix: str = ""):
-    """Yield (dotted key, type name, default, description) for the config reference in the README."""
-    for name, field in model.model_fields.items():
-        key = f"{prefix}{field.alias or name}"
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            yield from iter_fields(ann, key + ".")
-            continue
-        default = None if field.is_required() else field.get_default(call_default_factory=True)
-        if field.is_required():
-            yield key, _type_name(ann) + " (required)", default, field.description or ""
-            continue
-        if isinstance(default, BaseModel):
-            default = default.model_dump(mode="json")
-        elif isinstance(default, list):
-            default = [d.model_dump(mode="json") if isinstance(d, BaseModel) else d for d in default]
-        yield key, _type_name(ann), default, field.description or ""

@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from leaf_ray.config import FieldMap, config_from_dict
-from leaf_ray.data.ingest import IngestError, content_hash, run_ingest, split_of, validate_record
+from leaf_ray.data.ingest import run_ingest
+from leaf_ray.data.records import IngestError, content_hash, split_of, validate_record
 
 LONG_OUTPUT = " ".join(f"step {i}: add {i} and {i + 1}." for i in range(80))  # far over max_length 96
 
@@ -322,7 +323,7 @@ def test_bad_paths_are_rejected_before_any_work(tmp_path, tiny_pair, make_path, 
 
 
 def test_unknown_format_is_accepted_when_format_is_set(tmp_path, tiny_pair):
-    from leaf_ray.data.ingest import resolve_sources
+    from leaf_ray.data.sources import resolve_sources
 
     (tmp_path / "data.txt").write_text('{"instruction": "q", "output": "a"}\n')
     assert resolve_sources([str(tmp_path / "data.txt")], "jsonl") == [(str(tmp_path / "data.txt"), "jsonl")]
@@ -358,10 +359,10 @@ def test_split_is_deterministic_and_respects_the_fraction():
 
 def _read_in_process(source: str, fmt: str) -> list[dict]:
     """The Ray Data read UDF called directly (same code the tasks run)."""
-    from leaf_ray.data.ingest import _read_files
+    from leaf_ray.data.sources import read_files
 
     batch = pa.table({"file_index": [0], "source": [source], "format": [fmt]})
-    return [row for table in _read_files(batch, FieldMap(), 0, 0.1) for row in table.to_pylist()]
+    return [row for table in read_files(batch, FieldMap(), 0, 0.1) for row in table.to_pylist()]
 
 
 def test_uri_sources_are_listed_and_read_through_fsspec():
@@ -369,7 +370,7 @@ def test_uri_sources_are_listed_and_read_through_fsspec():
     URI; Ray workers are separate processes, so the in-memory filesystem is exercised in-process."""
     import fsspec
 
-    from leaf_ray.data.ingest import resolve_sources
+    from leaf_ray.data.sources import resolve_sources
 
     fs = fsspec.filesystem("memory")
     fs.pipe("/leafray-corpus/a.jsonl", b'{"id": "u1", "instruction": "Q", "output": "A"}\n{bad\n')

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Callable
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from leaf_ray.config import FocusBenchConfig
+    from leaf_ray.bench.config import FocusBenchConfig
 
 
 @dataclass

@@ -1,0 +1,80 @@
+"""The benchmark section of the config tree (`bench.*`): what `leaf-ray bench ...` reads, and nothing else does.
+
+It hangs under `LeafConfig.bench`, so `bench.focus.*` keys come from the same YAML files and `--set` overrides
+as every other key; it lives here, beside the benchmarks, because no stage of the method reads it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Section(BaseModel):
+    # As leaf_ray.config's sections: a typo in a YAML key is an error, never a silently ignored setting.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class FocusStudentSizes(_Section):
+    """Student architecture of `leaf-ray bench focus --prepare` (Qwen2-style; hidden/heads must be 64)."""
+
+    hidden_size: int = Field(128, ge=64)
+    intermediate_size: int = Field(256, ge=64)
+    num_hidden_layers: int = Field(2, ge=1)
+    num_attention_heads: int = Field(2, ge=1)
+    num_key_value_heads: int = Field(2, ge=1)
+
+
+class FocusTeacherSizes(FocusStudentSizes):
+    """Teacher architecture of `leaf-ray bench focus --prepare` (wider than the student)."""
+
+    hidden_size: int = Field(192, ge=64)
+    intermediate_size: int = Field(384, ge=64)
+    num_attention_heads: int = Field(3, ge=1)
+    num_key_value_heads: int = Field(3, ge=1)
+
+
+class FocusPrepareConfig(_Section):
+    """The from-scratch training recipe of the focus benchmark's teacher and student (leaf_ray/bench/focus_prepare.py)."""
+
+    vocab_size: int = Field(512, ge=300, description="Shared byte-level BPE vocabulary size.")
+    teacher: FocusTeacherSizes = Field(default_factory=FocusTeacherSizes,
+                                       description="Teacher architecture (trained on problems with distractors).")
+    student: FocusStudentSizes = Field(default_factory=FocusStudentSizes,
+                                       description="Student architecture (trained on clean problems only).")
+    steps: int = Field(1500, ge=1, description="Optimizer steps per model.")
+    teacher_clean_steps: int = Field(
+        500, ge=0, description="Curriculum: the teacher's first steps (of `steps`) on the clean view of its problems.")
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(2e-3, gt=0.0, description="One-cycle max learning rate (AdamW).")
+    seed: int = Field(0, ge=0, description="Init/shuffle seed (the student uses seed + 1).")
+    torch_threads: int = Field(2, ge=1, description="torch threads while training (part of the cache key: it changes float sums).")
+    check_size: int = Field(200, ge=1, description="Validation problems for the prepared models' accuracy check.")
+
+
+class FocusSizes(_Section):
+    """Problems per split of the focus task (leaf_ray/bench/focus_task.py)."""
+
+    prepare: int = Field(8000, ge=1, description="From-scratch training set of teacher and student.")
+    train: int = Field(384, ge=2, description="Corpus ingested, scored by detection and distilled on.")
+    validation: int = Field(200, ge=1)
+    test: int = Field(300, ge=1, description="Held-out problems with 1-2 distractors each.")
+
+
+class FocusBenchConfig(_Section):
+    """`leaf-ray bench focus`: the controlled confounder benchmark (leaf_ray/bench/focus.py)."""
+
+    task_seed: int = Field(0, ge=0, description="Seed of the generated task splits.")
+    max_number: int = Field(20, ge=2, le=1000, description="Largest number in a problem or distractor.")
+    sizes: FocusSizes = Field(default_factory=FocusSizes)
+    prepare: FocusPrepareConfig = Field(default_factory=FocusPrepareConfig)
+    seeds: int = Field(3, ge=1, le=20, description="Distillation seeds per variant (run.seed + 0, 1, ...).")
+    variants: list[Literal["kd", "leaf_instr", "leaf_instr_resp"]] = Field(
+        default_factory=lambda: ["kd", "leaf_instr", "leaf_instr_resp"])
+    attention_samples: int = Field(200, ge=1, description="Test problems for the attention measurement.")
+    heatmaps: int = Field(4, ge=0, description="Detection heatmaps logged to MLflow.")
+
+
+class BenchConfig(_Section):
+    focus: FocusBenchConfig = Field(default_factory=FocusBenchConfig)
