@@ -64,7 +64,7 @@ def mlflow_server(tmp_path):
 def test_distillation_run_is_recorded_in_mlflow(ray_local, tiny_pair, tmp_path, mlflow_server):
     from mlflow import MlflowClient
 
-    from leaf_ray.bench.distill import write_synthetic_inputs
+    from leaf_ray.data.demo_corpus import write_synthetic_inputs
     from leaf_ray.distill.driver import run_distillation
     from leaf_ray.tracking import git_commit
 

@@ -22,7 +22,7 @@ TRAIN = dict(epochs=1, max_steps=STEPS, global_batch_size=4, micro_batch_size=2,
 
 
 def make_cfg(root, tiny_pair, name, **distill):
-    from leaf_ray.bench.distill import write_synthetic_inputs
+    from leaf_ray.data.demo_corpus import write_synthetic_inputs
 
     tree = {
         "run": {"name": name, "root_dir": str(root), "seed": 3},

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from leaf_ray.store import RunDir, parquet_files
+
 if TYPE_CHECKING:
     from rich.console import RenderableType
 
@@ -268,7 +270,7 @@ def read_sample(run_dir: str | Path, sample_id: str) -> tuple[list[dict], list[d
     import pyarrow.parquet as pq
 
     root = Path(run_dir) / "detect"
-    scores_files = sorted((root / "scores").glob("*.parquet"))
+    scores_files = parquet_files(root / "scores")
     if not scores_files:
         raise FileNotFoundError(f"{root / 'scores'}: no detection scores (run `leaf-ray detect` first)")
     scores = pq.read_table(scores_files)
@@ -277,7 +279,7 @@ def read_sample(run_dir: str | Path, sample_id: str) -> tuple[list[dict], list[d
         ids = sorted(set(scores["sample_id"].to_pylist()))
         raise KeyError(f"sample {sample_id!r} has no scores row in {root / 'scores'} ({len(ids)} samples, "
                        f"e.g. {ids[:5]})")
-    cf_files = sorted((root / "counterfactuals").glob("*.parquet"))
+    cf_files = parquet_files(root / "counterfactuals")
     cfs = []
     if cf_files:
         table = pq.read_table(cf_files)
@@ -295,7 +297,7 @@ def truth_spans_of(run_dir: str | Path, sample_id: str) -> list[list[int]]:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    files = sorted((Path(run_dir) / "data" / "clean").rglob("*.parquet"))
+    files = parquet_files(RunDir(Path(run_dir)).clean, recursive=True)
     if not files or "distractor_spans" not in pq.read_schema(files[0]).names:
         return []
     table = pq.read_table(files, columns=["sample_id", "distractor_spans"])
@@ -330,7 +332,7 @@ def pick_samples(run_dir: str | Path, n: int) -> list[str]:
     """`n` sample ids, deterministically: those with the most instruction-level spans first, then by id."""
     import pyarrow.parquet as pq
 
-    files = sorted((Path(run_dir) / "detect" / "scores").glob("*.parquet"))
+    files = parquet_files(RunDir(Path(run_dir)).detect.scores)
     if not files or n <= 0:
         return []
     table = pq.read_table(files, columns=["sample_id", "scope", "spans"]).to_pylist()
@@ -343,7 +345,7 @@ def log_heatmaps(cfg: "LeafConfig", n: int = 4, *, run_id: str | None = None,
     """Heatmaps of `n` samples of the detection run under `cfg.run.dir`, written to `detect/heatmaps/` and
     logged as MLflow artifacts (`heatmaps/`) of: the active MLflow run, else run `run_id`, else a new run
     tagged ``leaf_ray.stage=detect-heatmaps`` in `cfg.tracking.experiment` (skipped when tracking is off)."""
-    files = write_heatmaps(cfg.run.dir, pick_samples(cfg.run.dir, n), cfg.run.dir / "detect" / "heatmaps", truth)
+    files = write_heatmaps(cfg.run.dir, pick_samples(cfg.run.dir, n), RunDir.of(cfg).heatmaps, truth)
     if not files or not cfg.tracking.enabled:
         return files
     from leaf_ray.tracking import setup_mlflow

@@ -11,13 +11,12 @@
    sequence ≥ 2k, chunked vs naive (target ratio ≤ 0.25).
 
 Rows come from ``<run dir>/data/clean`` (+ counterfactuals) when they exist, else from the built-in demo corpus
-with synthetic counterfactuals (:func:`write_synthetic_inputs`).
+with synthetic counterfactuals (:func:`leaf_ray.data.demo_corpus.write_synthetic_inputs`).
 """
 
 from __future__ import annotations
 
 import os
-import re
 import socket
 import time
 from dataclasses import dataclass
@@ -30,59 +29,10 @@ from leaf_ray.config import LeafConfig
 # --------------------------------------------------------------------------- inputs
 
 
-def synthetic_counterfactuals(instruction: str, output: str, sample_id: str, split: str,
-                              max_per_sample: int = 2, response_level: bool = True) -> list[dict]:
-    """Counterfactual rows in the Stage 1 schema made without detection (for tests and benches only):
-    instruction level = one sentence (not the last, the question) removed per counterfactual; response level
-    = the first reasoning step's first clause removed, the rest of the response as the continuation."""
-    rows = []
-    sentences = [m.span() for m in re.finditer(r"[^.!?]+[.!?]\s*", instruction)]
-    for k, (a, b) in enumerate(sentences[:-1][:max_per_sample]):
-        rows.append(dict(sample_id=sample_id, scope="instruction", span_index=k, char_start=a, char_end=b,
-                         removed_text=instruction[a:b], instruction=instruction[:a] + instruction[b:],
-                         response_prefix="", output=output, split=split))
-    steps = output.split("\n\n")
-    if response_level and len(steps) >= 2:
-        prefix, continuation = steps[0] + "\n\n", "\n\n".join(steps[1:])
-        cut = prefix.find(" ", len(prefix) // 3)
-        if cut > 0:
-            rows.append(dict(sample_id=sample_id, scope="response:1", span_index=0, char_start=0, char_end=cut,
-                             removed_text=prefix[:cut], instruction=instruction, response_prefix=prefix[cut:],
-                             output=continuation, split=split))
-    return rows
-
-
-def write_synthetic_inputs(run_dir: str | Path, n: int = 24, seed: int = 0, validation: int = 4,
-                           max_chars: int | None = None, response_level: bool = True) -> dict[str, int]:
-    """Write ``data/clean`` and ``detect/counterfactuals`` Parquet under ``run_dir`` from the demo corpus.
-
-    The last ``validation`` samples are the validation split. ``max_chars`` drops problems longer than that
-    (keeps tests' sequences short)."""
-    import pyarrow.parquet as pq
-
-    from leaf_ray.data.demo_corpus import generate_problems
-
-    problems = [p for p in generate_problems(4 * n, seed)
-                if max_chars is None or len(p["instruction"]) + len(p["output"]) <= max_chars][:n]
-    if len(problems) < n:
-        raise ValueError(f"only {len(problems)} demo problems fit max_chars={max_chars}")
-    clean, cfs = [], []
-    for i, p in enumerate(problems):
-        split = "validation" if i >= n - validation else "train"
-        clean.append(dict(sample_id=p["id"], instruction=p["instruction"], output=p["output"], answer=p["answer"],
-                          split=split, source="demo", row=i))
-        cfs += synthetic_counterfactuals(p["instruction"], p["output"], p["id"], split,
-                                         response_level=response_level)
-    run_dir = Path(run_dir)
-    for sub, rows in (("data/clean", clean), ("detect/counterfactuals", cfs)):
-        (run_dir / sub).mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.Table.from_pylist(rows), run_dir / sub / "part-0.parquet")
-    return {"clean": len(clean), "counterfactuals": len(cfs)}
-
-
 def bench_rows(cfg: LeafConfig, tokenizer, scratch: Path, n: int = 64):
     """Tokenised training rows: the run's own data when present, else the demo corpus + synthetic
     counterfactuals written under ``scratch``."""
+    from leaf_ray.data.demo_corpus import write_synthetic_inputs
     from leaf_ray.distill.data import TokenizedRows, load_rows, tokenize_rows
 
     run_dir = cfg.run.dir
@@ -242,8 +192,8 @@ def run_distill_bench(cfg: LeafConfig, console, *, steps: int = 10, warmup: int 
 
     from rich.table import Table
 
-    from leaf_ray.raycluster import for_workers
     from leaf_ray.models import ensure_tiny_pair, load_tokenizer
+    from leaf_ray.raycluster import for_workers
 
     cfg = for_workers(cfg)
     ensure_tiny_pair(cfg)

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from leaf_ray.config import BenchmarkRef, LeafConfig, ModelRef
+from leaf_ray.store import RunDir, parquet_files
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -278,7 +279,7 @@ def measure_detection(cfg: LeafConfig, task_files: dict[str, Path], parent_id: s
     from leaf_ray.analysis.heatmap import log_heatmaps
 
     truth = {r["id"]: r["distractor_spans"] for r in read_task_split(task_files, "train")}
-    files = sorted((cfg.run.dir / "detect" / "scores").glob("*.parquet"))
+    files = parquet_files(RunDir.of(cfg).detect.scores)
     scores = pq.read_table(files, columns=["sample_id", "scope", "token_char_offsets", "confounder_mask"]).to_pylist()
     rows = [detection_quality(scores, truth, "all samples").to_dict(),
             detection_quality([r for r in scores if truth.get(r["sample_id"])], truth,

@@ -40,6 +40,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from leaf_ray.store import RunDir
+
 # Which counterfactual scopes each variant trains on ("kd" = KD w/o mask: originals only).
 VARIANT_SCOPES: dict[str, tuple[str, ...]] = {
     "kd": (),
@@ -60,14 +62,13 @@ class DistillDataError(ValueError):
 # --------------------------------------------------------------------------- 1. rows
 
 
-def read_parquet_dir(path: str | Path, what: str) -> pa.Table:
+def read_stage_output(path: Path, what: str) -> pa.Table:
+    """A Parquet directory another stage wrote (all its parts); a clear error naming `what` when absent."""
     import pyarrow.dataset as pads
 
-    p = Path(path)
-    if not p.exists():
-        raise DistillDataError(f"{what} not found at {p}")
-    table = pads.dataset(str(p), format="parquet").to_table()
-    return table
+    if not path.exists():
+        raise DistillDataError(f"{what} not found at {path}")
+    return pads.dataset(str(path), format="parquet").to_table()
 
 
 def _require(table: pa.Table, columns: Sequence[str], what: str) -> None:
@@ -150,13 +151,13 @@ def load_rows(run_dir: str | Path, variant: str,
     -> (training rows of :func:`build_rows`, the counterfactuals table as read, or None for KD)."""
     if variant not in VARIANT_SCOPES:
         raise DistillDataError(f"unknown variant {variant!r}; expected one of {sorted(VARIANT_SCOPES)}")
-    run_dir = Path(run_dir)
-    clean = read_parquet_dir(run_dir / "data" / "clean", "data/clean (run `leaf-ray ingest` first)")
+    run = RunDir(Path(run_dir))
+    clean = read_stage_output(run.clean, "data/clean (run `leaf-ray ingest` first)")
     scopes = VARIANT_SCOPES[variant] if use_counterfactuals else ()
     cfs = None
     if scopes:
-        cfs = read_parquet_dir(run_dir / "detect" / "counterfactuals",
-                               f"detect/counterfactuals (variant {variant} needs them: run `leaf-ray detect`)")
+        cfs = read_stage_output(run.detect.counterfactuals,
+                                f"detect/counterfactuals (variant {variant} needs them: run `leaf-ray detect`)")
     return build_rows(clean, cfs, scopes), cfs
 
 
