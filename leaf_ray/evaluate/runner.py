@@ -25,6 +25,7 @@ from typing import Any
 
 from leaf_ray.config import BenchmarkRef, EvaluationConfig, LeafConfig, ModelRef
 from leaf_ray.evaluate.compare import BENCHMARKS_TAG, VARIANT_TAG
+from leaf_ray.store import RunDir
 
 STAGE_TAG = "leaf_ray.stage"
 _NAME_RE = re.compile(r"^[\w.\- ]+$")  # what MLflow accepts in a metric name (and safe as a file name)
@@ -164,7 +165,7 @@ def run_evaluation(cfg: LeafConfig, model_ref: ModelRef, *, label: str,
     all_instructions = [ins for _, _, instructions in loaded for ins in instructions]
     all_completions = generate_rows(cfg, model_ref, all_instructions)
 
-    out_dir = cfg.run.dir / "eval" / label
+    out_dir = RunDir.of(cfg).eval(label)
     out_dir.mkdir(parents=True, exist_ok=True)
     results, start = [], 0
     for bench, records, instructions in loaded:
