@@ -204,3 +204,32 @@ def test_position_ids_ignore_left_padding():
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
     expected = torch.tensor([[0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [0, 1, 2, 2, 2]])
     assert torch.equal(position_ids_from_mask(mask), expected)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_length_groups_same_numbers_fewer_padded_tokens(student, rendered, tiny_tokenizer, side):
+    """max_padding splits a mixed-length batch into length groups, each cut to its own columns: the same
+    norms and losses, one forward per group, none of them as long as the batch unless it holds the longest."""
+    from leaf_ray.detect.saliency import length_groups
+
+    samples = rendered + rendered[:2]
+    batch = pad_batch(samples, tiny_tokenizer.pad_token_id, side)
+    lengths = [len(s.input_ids) for s in samples]
+    groups = length_groups(lengths, 0.1)
+    assert sorted(i for g in groups for i in g) == list(range(len(samples))) and len(groups) > 1
+    for g in groups:
+        longest = max(lengths[i] for i in g)
+        assert len(g) * longest <= 1.1 * sum(lengths[i] for i in g) or len(g) == 1
+    widths = []
+    handle = student.model.layers[0].register_forward_hook(lambda m, args, out: widths.append(args[0].shape[1]))
+    try:
+        whole = token_saliency(student, *batch)
+        widths.clear()
+        grouped = token_saliency(student, *batch, max_padding=0.1)
+    finally:
+        handle.remove()
+    assert len(widths) == len(groups) and min(widths) < batch[0].shape[1]
+    torch.testing.assert_close(grouped.grad_norm, whole.grad_norm, atol=1e-5, rtol=0)
+    torch.testing.assert_close(grouped.loss, whole.loss, atol=1e-5, rtol=0)
+    assert torch.equal(grouped.num_targets, whole.num_targets)
+    assert (grouped.grad_norm[~batch[1].bool()] == 0).all()

@@ -23,6 +23,14 @@ kept. ``CPU s/sample`` is the process CPU time (all threads) per sample, also th
 thread it hardly moves with other load on the machine (use ``--threads 1`` on a busy machine); with several,
 threads spinning at barriers while descheduled inflate it, most for the naive loop's many small operations.
 
+Machine peak and FLOPs: every method's subprocess also measures the fp32 matmul peak of this machine with the
+same torch threads (:func:`leaf_ray.bench.flops.matmul_peak`, the fastest 1024×1024 product), and each
+method's *required* FLOPs are counted from the model shapes and the tokenised samples
+(:func:`leaf_ray.bench.flops.saliency_flops`: forward + input-only backward of every real token of both
+models, the LM head only at the rows that predict a loss target). Both methods are charged the same FLOPs
+(the naive loop's parameter gradients, full-vocabulary logits and the batched pass's padding are waste, not
+work), so ``% of peak`` = required FLOP/s ÷ peak compares how much of the machine each method uses.
+
 Memory: ``peak RSS`` is ``getrusage(RUSAGE_SELF).ru_maxrss`` of the method's subprocess at the end
 (interpreter, torch, both models and the scoring peak); ``after load`` is its current RSS once the models are
 loaded, before any scoring; their difference bounds the scoring working set from below (it is exact unless
@@ -63,6 +71,17 @@ class Measurement:
     loaded_rss_mb: float | None
     first_scores: dict | None = None
     steady_samples_per_s: float | None = None  # pipeline only: between its first and last committed part
+    flops: float | None = None                # required FLOPs of scoring the samples (both models)
+    peak_flops_per_s: float | None = None     # fp32 matmul peak measured in the method's process
+
+    @property
+    def flops_per_s(self) -> float | None:
+        return self.flops / self.wall_s if self.flops and self.wall_s > 0 else None
+
+    @property
+    def peak_fraction(self) -> float | None:
+        rate = self.flops_per_s
+        return rate / self.peak_flops_per_s if rate and self.peak_flops_per_s else None
 
     @property
     def samples_per_s(self) -> float:
@@ -77,6 +96,9 @@ class Measurement:
             self.peak_rss_mb = max(self.peak_rss_mb or 0.0, other.peak_rss_mb)
         if other.steady_samples_per_s is not None:
             self.steady_samples_per_s = max(self.steady_samples_per_s or 0.0, other.steady_samples_per_s)
+        if other.peak_flops_per_s is not None:
+            self.peak_flops_per_s = max(self.peak_flops_per_s or 0.0, other.peak_flops_per_s)
+        self.flops = self.flops or other.flops
         return self
 
 
@@ -165,15 +187,20 @@ def run_worker(method: str, pair: dict[str, str], samples: list[dict], batch_siz
     import pyarrow.compute as pc
     import torch
 
+    from leaf_ray.bench.flops import matmul_peak
     from leaf_ray.config import ModelRef
     from leaf_ray.detect.stages import SaliencyScorer, tokenise_units
     from leaf_ray.raycluster import cached_tokenizer
     from leaf_ray.models import load_model
 
     torch.set_num_threads(threads)
+    peak = matmul_peak("cpu", torch.float32, n=1024, iters=10)["flops_per_s"]  # same threads as the method
     refs = {role: ModelRef(path=pair[role]) for role in ("student", "teacher")}
     table = pa.Table.from_pylist(samples)
     response_off = {"enabled": False, "step_pattern": r"\n\s*\n", "num_segments": 3}
+    flops = required_flops(pair, tokenise_units(table, student=refs["student"].model_dump(),
+                                                instruction_level=True, response=response_off,
+                                                done=frozenset()))
 
     if method == "batched":
         scorers = [SaliencyScorer(role, refs[role].model_dump(), dtype="float32",
@@ -225,7 +252,21 @@ def run_worker(method: str, pair: dict[str, str], samples: list[dict], batch_siz
         wall.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
     return {"wall_s": min(wall), "cpu_s": min(cpu), "peak_rss_mb": _peak_rss_mb(), "loaded_rss_mb": loaded,
-            "first_scores": first_scores(result)}
+            "first_scores": first_scores(result), "flops": flops, "peak_flops_per_s": peak}
+
+
+def required_flops(pair: dict[str, str], units) -> float:
+    """FLOPs both models need to score these tokenised units: forward + input-only backward of every real
+    token, LM head at the target-predicting rows (:mod:`leaf_ray.bench.flops`; both share the tokenizer)."""
+    from transformers import AutoConfig
+
+    from leaf_ray.bench.flops import Shape, saliency_flops
+
+    rows = [r for r in units.select(["input_ids", "target_mask"]).to_pylist() if r["input_ids"]]
+    lengths = [len(r["input_ids"]) for r in rows]
+    targets = sum(int(sum(r["target_mask"])) for r in rows)
+    return sum(saliency_flops(Shape.from_config(AutoConfig.from_pretrained(pair[role], local_files_only=True)),
+                              lengths, targets) for role in ("student", "teacher"))
 
 
 def run_pipeline_worker(pair: dict[str, str], samples: list[dict], batch_size: int, workdir: Path) -> dict:
@@ -315,10 +356,15 @@ def run_bench(cfg, console, *, samples: int = 32, batch_size: int | None = None,
                               f"samples/s{cpu}")
                 best[(pair, method)] = best[(pair, method)].merge(m) if (pair, method) in best else m
     results = [best[(pair, method)] for pair in pairs for method in methods]
+    for m in results:  # the pipeline scores the same units; its actors run with the same threads
+        if m.flops is None and (m.pair, "batched") in best:
+            m.flops = best[(m.pair, "batched")].flops
+            m.peak_flops_per_s = best[(m.pair, "batched")].peak_flops_per_s
     for m in [r for r in results if r.steady_samples_per_s]:  # a row for the pipeline past its start-up
         results.insert(results.index(m) + 1, Measurement(
             pair=m.pair, method="pipeline, steady", samples=m.samples,
-            wall_s=m.samples / m.steady_samples_per_s, cpu_s=None, peak_rss_mb=None, loaded_rss_mb=None))
+            wall_s=m.samples / m.steady_samples_per_s, cpu_s=None, peak_rss_mb=None, loaded_rss_mb=None,
+            flops=m.flops, peak_flops_per_s=m.peak_flops_per_s))
     print_table(console, results)
     console.print(f"load average now {os.getloadavg()[0]:.1f} (other processes share these CPUs)")
     return results
@@ -330,8 +376,8 @@ def print_table(console, results: list[Measurement]) -> None:
     from rich.table import Table
 
     table = Table(title="Stage 1 saliency: this pipeline vs the reference-style loop (teacher + student)")
-    for col in ("pair", "method", "samples/s", "× naive", "CPU s/sample", "× naive (CPU)", "peak RSS MB",
-                "RSS loaded MB", "target (wall)"):
+    for col in ("pair", "method", "samples/s", "× naive", "CPU s/sample", "× naive (CPU)", "GFLOP/s",
+                "% of peak", "peak RSS MB", "RSS loaded MB", "target (wall)"):
         table.add_column(col, justify="right" if col not in ("pair", "method") else "left")
     for m in results:
         naive = next(r for r in results if r.pair == m.pair and r.method == "naive")
@@ -343,11 +389,20 @@ def print_table(console, results: list[Measurement]) -> None:
         table.add_row(m.pair, m.method, f"{m.samples_per_s:.2f}", f"{ratio:.1f}×",
                       f"{m.cpu_s / m.samples:.3f}" if m.cpu_s is not None else "n/a",
                       f"{cpu_ratio:.1f}×" if cpu_ratio else "n/a",
+                      f"{m.flops_per_s / 1e9:.2f}" if m.flops_per_s else "n/a",
+                      f"{m.peak_fraction:.1%}" if m.peak_fraction else "n/a",
                       f"{m.peak_rss_mb:.0f}" if m.peak_rss_mb else "n/a",
                       f"{m.loaded_rss_mb:.0f}" if m.loaded_rss_mb else "n/a", target)
     # Console.print(width=) cannot exceed the console's width: a wider console on the same file, so a narrow
     # terminal wraps lines instead of cutting numbers.
-    Console(file=console.file, width=max(console.width, 124), no_color=console.no_color).print(table)
+    Console(file=console.file, width=max(console.width, 144), no_color=console.no_color).print(table)
+    peaks = [m.peak_flops_per_s for m in results if m.peak_flops_per_s]
+    if peaks:
+        console.print(f"peak: fp32 1024×1024 matmul with the same torch threads, {min(peaks) / 1e9:.1f}–"
+                      f"{max(peaks) / 1e9:.1f} GFLOP/s over the methods' processes; GFLOP/s = required FLOPs "
+                      "(forward + input-only backward, both models, from the shapes) per wall second; "
+                      "% of peak against the peak measured in the same process. Goal (issue 13): ≥ 50% for "
+                      "the larger pair.")
     console.print("pipeline: end to end after Ray is up (actor start and model loading included); "
                   "pipeline, steady: between its first and last committed part. n/a: that work runs in Ray "
                   "worker processes (no single-process CPU time or peak). target: samples/s ratio over the "

@@ -106,16 +106,43 @@ def _check_inputs(input_ids, attention_mask, target_mask) -> None:
         raise ValueError(f"target_mask marks padding (attention_mask=0) as a loss target in batch rows {rows}")
 
 
+def length_groups(lengths: list[int], max_padding: float) -> list[list[int]]:
+    """Row indices grouped by length (ascending) so that each group's padded tokens, ``n · longest``, are at most
+    ``(1 + max_padding)`` times its real tokens; every row is in exactly one group."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups: list[list[int]] = []
+    real = 0
+    for i in order:
+        if groups and (len(groups[-1]) + 1) * lengths[i] > (1 + max_padding) * (real + lengths[i]):
+            groups.append([])
+            real = 0
+        if not groups:
+            groups.append([])
+        groups[-1].append(i)
+        real += lengths[i]
+    return groups
+
+
 def token_saliency(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_mask: torch.Tensor, *,
-                   gradient_checkpointing: bool = False) -> SaliencyOutput:
+                   gradient_checkpointing: bool = False, max_padding: float | None = None) -> SaliencyOutput:
     """``g_t = ||dL_b/de_t||_2`` for every token of a padded batch (left or right padding).
 
     ``target_mask[b, t] = 1`` marks token t as a loss target, predicted by the logits at t-1 (so column 0 is
     never a target). Position ids come from ``attention_mask`` so padding side does not change the result.
     Works in fp32/bf16/fp16 (model dtype); loss and norms are computed and returned in float32. Non-finite
     values (e.g. fp16 overflow) are returned as they are; the scorer rejects them.
+
+    ``max_padding``: None scores the batch in one pass. A number splits it into length groups
+    (:func:`length_groups`: padded tokens ≤ (1 + max_padding) × real tokens per group), each cut to its own
+    columns and scored in its own pass: the same numbers (each sample's gradient is its own), less padding
+    compute and memory for a batch of mixed lengths.
     """
     _check_inputs(input_ids, attention_mask, target_mask)
+    if max_padding is not None and input_ids.shape[0] > 1:
+        lengths = attention_mask.long().sum(-1).tolist()
+        groups = length_groups(lengths, max_padding)
+        if len(groups) > 1:
+            return _grouped(model, input_ids, attention_mask, target_mask, groups, gradient_checkpointing)
     embedding = model.get_input_embeddings()
     device = embedding.weight.device
     # clone(): inputs made under torch.inference_mode (e.g. by a caller) cannot take part in autograd.
@@ -158,3 +185,25 @@ def token_saliency(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         (grad,) = torch.autograd.grad(per_sample_loss.sum(), embeds)
     grad_norm = grad.float().norm(dim=-1).masked_fill(attention_mask == 0, 0.0)
     return SaliencyOutput(grad_norm=grad_norm, loss=per_sample_loss.detach(), num_targets=num_targets)
+
+
+def _grouped(model, input_ids, attention_mask, target_mask, groups, gradient_checkpointing) -> SaliencyOutput:
+    """:func:`token_saliency` per length group, each cut to the columns its rows use, scattered back."""
+    device = model.get_input_embeddings().weight.device
+    batch, length = input_ids.shape
+    grad_norm = torch.zeros(batch, length, dtype=torch.float32, device=device)
+    loss = torch.zeros(batch, dtype=torch.float32, device=device)
+    num_targets = torch.zeros(batch, dtype=torch.long, device=device)
+    real = attention_mask.bool()
+    for rows in groups:
+        index = torch.tensor(rows, dtype=torch.long)
+        cols = real[index].any(0).nonzero().flatten()
+        # One column before the first real one (padding) keeps target_mask[:, 0] unset for any row.
+        start, end = max(int(cols[0]) - 1, 0) if cols.numel() else 0, int(cols[-1]) + 1 if cols.numel() else 1
+        part = token_saliency(model, input_ids[index, start:end], attention_mask[index, start:end],
+                              target_mask[index, start:end], gradient_checkpointing=gradient_checkpointing)
+        index = index.to(device)
+        grad_norm[index, start:end] = part.grad_norm
+        loss[index] = part.loss
+        num_targets[index] = part.num_targets
+    return SaliencyOutput(grad_norm=grad_norm, loss=loss, num_targets=num_targets)
