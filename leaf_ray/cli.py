@@ -72,21 +72,17 @@ def models_make_tiny(
 @models_app.command("check")
 def models_check(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Load teacher and student from their local paths and check they can be distilled together."""
-    from leaf_ray.models import (ModelCompatibilityError, ModelLoadError, check_distill_compatible,
-                                 load_tokenizer)
+    from leaf_ray.models import ModelCompatibilityError, ModelLoadError, check_pair, model_config, vocab_size_of
 
     cfg = resolve(config, set_)
     try:
-        from transformers import AutoConfig
-
-        t_tok, s_tok = load_tokenizer(cfg.models.teacher), load_tokenizer(cfg.models.student)
-        t_cfg = AutoConfig.from_pretrained(cfg.models.teacher.path, local_files_only=True)
-        s_cfg = AutoConfig.from_pretrained(cfg.models.student.path, local_files_only=True)
-        check_distill_compatible(t_tok, s_tok, t_cfg.vocab_size, s_cfg.vocab_size)
+        n_tokens = check_pair(cfg.models)
+        t_vocab, s_vocab = (vocab_size_of(model_config(ref)) for ref in (cfg.models.teacher, cfg.models.student))
     except (ModelLoadError, ModelCompatibilityError) as e:
         err_console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(1) from None
-    console.print(f"[green]ok[/green]: teacher vocab {t_cfg.vocab_size}, student vocab {s_cfg.vocab_size}")
+    console.print(f"[green]ok[/green]: teacher vocab {t_vocab}, student vocab {s_vocab}, tokenizer {n_tokens} tokens "
+                  "(logits are cut to the tokenizer's length)")
 
 
 # --------------------------------------------------------------------------- stages

@@ -418,12 +418,14 @@ class StudentWithLoss(torch.nn.Module):
     ``chunked_head``: the student's logits are built per chunk of target positions from the final hidden states
     and the LM head (:func:`hybrid_kl_from_hidden`), so no ``[B, T, V]`` logits tensor exists. Otherwise (ZeRO-3,
     whose LM head is partitioned; heads with soft-capping or scaling) the model's own logits are used.
+    ``n_tokens``: the tokenizer's length; vocabulary rows past it are padding and are cut from the logits.
     """
 
-    def __init__(self, model, dcfg, chunked_head: bool):
+    def __init__(self, model, dcfg, chunked_head: bool, n_tokens: int | None = None):
         super().__init__()
         self.model = model
         self.chunked_head = chunked_head
+        self.n_tokens = n_tokens
         self.loss_kwargs = dict(lambda_=dcfg.lambda_, temperature=dcfg.temperature, weighting=dcfg.weighting,
                                 chunk_size=dcfg.chunk_size)
 
@@ -433,12 +435,14 @@ class StudentWithLoss(torch.nn.Module):
         if self.chunked_head:
             hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                               use_cache=False).last_hidden_state
-            head = self.model.get_output_embeddings()
-            kl = hybrid_kl_from_hidden(hidden, head.weight, teacher, target_mask, is_counterfactual,
-                                       lm_head_bias=head.bias, **self.loss_kwargs)
+            head, n = self.model.get_output_embeddings(), self.n_tokens
+            kl = hybrid_kl_from_hidden(hidden, head.weight[:n], teacher, target_mask, is_counterfactual,
+                                       lm_head_bias=None if head.bias is None else head.bias[:n],
+                                       **self.loss_kwargs)
         else:
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-            kl = hybrid_kl_loss(logits, teacher, target_mask, is_counterfactual, **self.loss_kwargs)
+            kl = hybrid_kl_loss(logits[..., :self.n_tokens], teacher, target_mask, is_counterfactual,
+                                **self.loss_kwargs)
         return dict(vars(kl))  # a dict: DeepSpeed hooks the tensors of dicts/tuples, not of dataclasses
 
 
@@ -458,19 +462,21 @@ def build_student(cfg: LeafConfig, world: int, accum: int, total_steps: int, *, 
     deepspeed = import_deepspeed()
     from transformers import get_scheduler
 
-    from leaf_ray.models import load_model
+    from leaf_ray.models import compute_precision, load_model, load_tokenizer
 
     dcfg = cfg.distill
     model = load_model(cfg.models.student, dtype="float32")
     model.config.use_cache = False
     if with_loss:
         chunked = dcfg.chunked_lm_head and can_chunk_head(model, dcfg.deepspeed.zero_stage)
-        model = StudentWithLoss(model, dcfg, chunked_head=chunked)
+        model = StudentWithLoss(model, dcfg, chunked_head=chunked,
+                                n_tokens=len(load_tokenizer(cfg.models.student)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=dcfg.lr, weight_decay=dcfg.weight_decay)
     name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[dcfg.scheduler]
     scheduler = get_scheduler(name, optimizer, num_warmup_steps=dcfg.warmup_steps, num_training_steps=total_steps)
-    conf = deepspeed_config(cfg, world, accum, zero_stage=dcfg.deepspeed.zero_stage,
-                            precision=dcfg.deepspeed.precision)
+    precision = compute_precision(dcfg.deepspeed.precision, on_cpu=not torch.cuda.is_available(),
+                                  force=cfg.models.student.force_dtype)
+    conf = deepspeed_config(cfg, world, accum, zero_stage=dcfg.deepspeed.zero_stage, precision=precision)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=conf)
     engine.train()
     return engine
@@ -495,7 +501,9 @@ def build_teacher(cfg: LeafConfig, world: int, accum: int, device):
         if can_chunk_head(model, zero_stage=0):
             return TargetLogitsTeacher(model)
     else:
-        precision = {"bfloat16": "bf16", "float16": "fp16"}.get(cfg.models.teacher.dtype, "fp32")
+        # the dtype load_model settled on (float32 on a CPU without native bf16)
+        loaded = str(next(model.parameters()).dtype).removeprefix("torch.")
+        precision = {"bfloat16": "bf16", "float16": "fp16"}.get(loaded, "fp32")
         conf = deepspeed_config(cfg, world, accum, zero_stage=3, precision=precision, trains=False)
         model, _, _, _ = import_deepspeed().initialize(model=model, config=conf)
         model.eval()
