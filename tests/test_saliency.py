@@ -162,7 +162,7 @@ def test_gradient_checkpointing_same_numbers_and_recomputes(request, model_name,
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_close_to_float32(tiny_pair, student, rendered, tiny_tokenizer, dtype):
-    half = load_model(ModelRef(path=tiny_pair["student"]), dtype=dtype)
+    half = load_model(ModelRef(path=tiny_pair["student"], force_dtype=True), dtype=dtype)  # bf16 itself under test
     assert half.dtype == getattr(torch, dtype)
     batch = pad_batch(rendered, tiny_tokenizer.pad_token_id, "right")
     reference = token_saliency(student, *batch)
