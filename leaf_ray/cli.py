@@ -24,6 +24,17 @@ err_console = Console(stderr=True, soft_wrap=True)
 
 ConfigOpt = Annotated[Optional[str], typer.Option("--config", "-c", help="YAML config file.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override: dotted.key=value (repeatable).")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show Ray's own logs, warnings and progress "
+                                          "bars here (by default they go to <run dir>/logs/ray.log).")]
+
+
+@app.callback()
+def main(verbose: VerboseOpt = False) -> None:
+    """LeaF confounder detection and causal attention distillation on Ray."""
+    if not verbose:
+        from leaf_ray import console as quiet
+
+        quiet.enable()
 
 
 def resolve(config: str | None, overrides: list[str] | None) -> LeafConfig:

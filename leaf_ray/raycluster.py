@@ -18,15 +18,26 @@ def init_ray(cfg: LeafConfig):
     cluster `ray start` last left on this machine."""
     import ray
 
+    from leaf_ray import console as quiet
+
     if ray.is_initialized():
         return ray
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local"
-    kwargs = dict(address=address, namespace=cfg.ray.namespace, log_to_driver=True)
-    env_vars = {k: os.environ.get(k, v) for k, v in RUNTIME_ENV_VARS.items()}
+    # A quiet console (the CLI's default, `leaf_ray.console`): Ray's own output goes to <run dir>/logs/ray.log.
+    quiet.attach(cfg.run.dir)
+    route = quiet.enabled() and quiet.can_route_worker_logs()
+    kwargs = {"address": address, "namespace": cfg.ray.namespace, "log_to_driver": route or not quiet.enabled()}
+    env_vars = {**quiet.worker_env_vars(), **{k: os.environ.get(k, v) for k, v in RUNTIME_ENV_VARS.items()}}
     if address == "local":
         kwargs.update(num_cpus=cfg.ray.num_cpus, include_dashboard=False,
                       runtime_env={"env_vars": env_vars})
+    if quiet.enabled():
+        quiet.quiet_libraries()
+        kwargs.update(configure_logging=False)  # keep the "ray" logger on the run log
     ray.init(**kwargs)
+    if route:
+        quiet.route_worker_logs()
+    quiet.quiet_libraries()
     return ray
 
 

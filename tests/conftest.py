@@ -14,6 +14,15 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(autouse=True)
+def _terminal_back():
+    """A CLI call in a test turns the quiet console on (`leaf_ray.console`); the next test starts without it."""
+    yield
+    from leaf_ray import console
+
+    console.disable()
+
+
 @pytest.fixture(scope="session")
 def tiny_pair(tmp_path_factory):
     """{'teacher': dir, 'student': dir} saved with save_pretrained, sharing one tokenizer."""
