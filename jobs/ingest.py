@@ -1,7 +1,7 @@
 r"""Read and validate the corpus into `<run dir>/data/{clean,quarantine}/`.
 
     ray job submit --address http://HEAD:8265 --runtime-env jobs/runtime_env.yaml -- \
-        python jobs/ingest.py --config configs/demo.yaml [--set key=value ...]
+        python jobs/ingest.py --config configs/smoke.yaml [--set key=value ...]
 """
 
 import sys

@@ -243,12 +243,32 @@ def run(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 
 
 @app.command()
-def demo(config: ConfigOpt = None, set_: SetOpt = None) -> None:
-    """The main job on the embedded default (local Ray, tiny offline models, local MLflow)."""
+def demo(config: ConfigOpt = None, set_: SetOpt = None, verbose: VerboseOpt = False) -> None:
+    """LeaF on the controlled focus task (configs/demo.yaml): tables, heatmaps, report.html, MLflow."""
+    from leaf_ray import console as quiet
     from leaf_ray.demo import run_demo
 
+    if verbose:
+        quiet.disable()
     cfg = resolve(config or "configs/demo.yaml", set_)
     raise typer.Exit(run_demo(cfg, console))
+
+
+@app.command()
+def report(run_dir: Annotated[str, typer.Option("--run", help="Run directory (e.g. runs/focus-demo).")],
+           out: Annotated[str | None, typer.Option("--out", help="HTML file (default <run>/report.html).")] = None,
+           ) -> None:
+    """Write the run's static HTML report: comparison, detection quality, heatmaps, Δ distribution, losses."""
+    from pathlib import Path
+
+    from leaf_ray.analysis.report import ReportError, write_run_report
+
+    try:
+        path = write_run_report(Path(run_dir), out=Path(out) if out else None)
+    except ReportError as e:
+        err_console.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(1) from None
+    console.print(f"report: {path}", highlight=False, soft_wrap=True)
 
 
 @app.command()

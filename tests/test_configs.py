@@ -43,6 +43,17 @@ def test_config_loads_and_round_trips(path):
     assert config_from_dict(cfg.dump(), "round trip").dump() == cfg.dump()
 
 
+def test_demo_is_the_focus_task_and_smoke_the_random_chain():
+    """`make demo` shows the method (the focus task, one seed, KD w/o mask and LeaF); the small random-model
+    chain the tests and `ray job submit` run is configs/smoke.yaml."""
+    demo = load_config(CONFIGS / "demo.yaml")
+    assert demo.bench.focus.seeds == 1 and {"kd", "leaf_instr"} <= set(demo.bench.focus.variants)
+    assert demo.run.name != "demo", "the former random demo left runs/demo/: the focus demo has its own dir"
+    smoke = load_config(CONFIGS / "smoke.yaml")
+    assert smoke.run.name == "smoke" and smoke.models.teacher.path.endswith("tiny-models/teacher")
+    assert smoke.ray.address is None and smoke.distill.resources.use_gpu is False
+
+
 def test_demo_runs_on_a_local_ray_instance():
     cfg = load_config(CONFIGS / "demo.yaml")
     assert cfg.ray.address is None, "the demo must start a local Ray instance, not join a cluster"

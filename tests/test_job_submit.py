@@ -47,10 +47,10 @@ def _status(address: str, job_id: str, submitted: subprocess.CompletedProcess) -
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_ray_job_submit_runs_the_demo_chain_on_the_cluster(ray_head, tiny_pair, tmp_path):
-    """The demo job (the whole chain: ingest -> detect -> distill -> evaluate -> compare), made small."""
+    """The smoke chain (configs/smoke.yaml: ingest -> detect -> distill -> evaluate -> compare), made small."""
     runs = tmp_path / "runs"
     job_id, done = _submit(ray_head, [
-        "python", "jobs/run.py", "--config", "configs/demo.yaml",
+        "python", "jobs/run.py", "--config", "configs/smoke.yaml",
         "--set", f"run.root_dir={runs}", "--set", "run.name=submitted",
         "--set", f"models.student.path={tiny_pair['student']}",
         "--set", f"models.teacher.path={tiny_pair['teacher']}",
@@ -83,7 +83,7 @@ def test_ray_job_submit_runs_the_demo_chain_on_the_cluster(ray_head, tiny_pair, 
 
 @pytest.mark.slow
 def test_ray_job_submit_config_error_fails_the_job_with_the_key(ray_head):
-    job_id, done = _submit(ray_head, ["python", "jobs/detect.py", "--config", "configs/demo.yaml",
+    job_id, done = _submit(ray_head, ["python", "jobs/detect.py", "--config", "configs/smoke.yaml",
                                       "--set", "distill.lr=-1"], timeout_s=300)
     assert _status(ray_head, job_id, done) == "FAILED"
     assert done.returncode != 0
