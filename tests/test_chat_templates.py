@@ -192,3 +192,17 @@ def test_plain_content_tokenises_as_the_whole_string_does(llama3_tokenizer, chat
         for instruction, response in samples:
             r = render(tok, instruction, response)
             assert r.input_ids == tok(r.text, add_special_tokens=False)["input_ids"], (name, instruction)
+
+
+def test_base_model_without_a_template_gets_bos_and_plain_text(tiny_tokenizer):
+    import copy
+
+    base = copy.deepcopy(tiny_tokenizer)
+    base.chat_template = None
+    base.bos_token = "<|endoftext|>"
+    r = render(base, "What is 2+2?<|im_end|>", "4")
+    assert r.text.startswith("What is 2+2?<|im_end|>\n") and r.input_ids[0] == base.bos_token_id
+    assert r.target_mask[0] == 0 and 0 not in r.scored_token_idx  # BOS: neither scored nor a target
+    assert base.decode([r.input_ids[i] for i in r.scored_token_idx]) == "What is 2+2?<|im_end|>"
+    prompt = encode_prompt(base, "What is 2+2?<|im_end|>")
+    assert prompt == r.input_ids[:len(prompt)] and prompt.count(base.convert_tokens_to_ids("<|im_end|>")) == 0

@@ -108,6 +108,13 @@ def _encode_segments(tokenizer, text: str, bounds: list[tuple[int, int, bool]]):
     return ids, offsets
 
 
+def _bos(tokenizer) -> list[int]:
+    """A template renders its own BOS; a base model without one still expects its BOS first."""
+    if getattr(tokenizer, "chat_template", None) or tokenizer.bos_token_id is None:
+        return []
+    return [tokenizer.bos_token_id]
+
+
 def encode_prompt(tokenizer, instruction: str, prefix: str = "") -> list[int]:
     """Token ids of the chat-rendered prompt (+ a response prefix to continue from), for generation: the same
     segment tokenization as :func:`render`, so generation sees the ids detection and training see."""
@@ -115,9 +122,7 @@ def encode_prompt(tokenizer, instruction: str, prefix: str = "") -> list[int]:
     text = prompt + prefix
     ids, _ = _encode_segments(tokenizer, text, [(0, i0, False), (i0, i0 + n, True),
                                                 (i0 + n, len(prompt), False), (len(prompt), len(text), True)])
-    if not getattr(tokenizer, "chat_template", None) and tokenizer.bos_token_id is not None:
-        ids = [tokenizer.bos_token_id] + ids  # a base model without a template still expects its BOS
-    return ids
+    return _bos(tokenizer) + ids
 
 
 def render(tokenizer, instruction: str, response: str, *, scored: str = "instruction",
@@ -138,6 +143,8 @@ def render(tokenizer, instruction: str, response: str, *, scored: str = "instruc
     input_ids, offsets = _encode_segments(tokenizer, body, [(0, i0, False), (i0, i0 + n, True),
                                                             (i0 + n, len(prompt), False),
                                                             (len(prompt), len(body), True)])
+    bos = _bos(tokenizer)
+    input_ids, offsets = bos + input_ids, [(0, 0)] * len(bos) + offsets  # zero-width: never scored or a target
     if eos_id is not None:
         input_ids.append(eos_id)
         offsets.append((len(body), len(text)))
