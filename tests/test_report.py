@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from leaf_ray.analysis.detection_quality import detection_quality
-from leaf_ray.analysis.report import ReportError, build_report, write_run_report
+from leaf_ray.analysis.report import ReportError, build_report, delta_values, truth_spans, write_run_report
 from leaf_ray.detect.schema import SCORES_SCHEMA
 
 
@@ -92,6 +92,9 @@ def test_report_from_a_focus_run_directory(tmp_path):
     # heatmap, Δ histogram and loss curves are embedded images: the page stands alone
     assert "Sample heatmaps" in text and "s1.instruction" in text
     assert "Δ distribution" in text and "Loss curves" in text
+    values = delta_values(root, truth_spans(root))  # the histogram's data: Δ split by the ground truth, τ
+    assert values["distractor"] == [0.0] and sorted(values["other"]) == pytest.approx([0.0, 0.5, 0.8, 0.9, 1.0])
+    assert values["tau"] == pytest.approx([0.1, 0.1])
     images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)
     assert len(images) == 3, len(images)
     assert 'src="http' not in text and "<script" not in text

@@ -113,15 +113,15 @@ def delta_values(root: Path, truth: dict[str, list[list[int]]]) -> dict[str, lis
     if not files:
         return None
     names = pq.read_schema(files[0]).names
-    columns = [c for c in ("sample_id", "scope", "delta", "token_char_offsets", "tau") if c in names]
+    columns = [c for c in ("sample_id", "scope", "delta", "token_char_offsets", "threshold") if c in names]
     if "delta" not in columns:
         return None
     out: dict[str, list[float]] = {"tau": []}
     for row in pq.read_table(files, columns=columns).to_pylist():
         if row.get("scope") != "instruction" or not row.get("delta"):
             continue
-        if row.get("tau") is not None:
-            out["tau"].append(float(row["tau"]))
+        if row.get("threshold") is not None:
+            out["tau"].append(float(row["threshold"]))
         if truth and row.get("token_char_offsets") is not None:
             mask = ground_truth_mask(row["token_char_offsets"], truth.get(row["sample_id"], []))
             for d, is_distractor in zip(row["delta"], mask):
