@@ -122,7 +122,7 @@ def detect(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     cfg = resolve(config, set_)
     try:
         report = run_detection(cfg, console=console)
-    except (DetectionError, ModelLoadError) as e:
+    except (DetectionError, ModelLoadError, OSError) as e:  # OSError: a read-only or full run directory
         from rich.markup import escape
 
         err_console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
@@ -143,11 +143,12 @@ def distill(
     from leaf_ray.distill.data import DistillDataError
     from leaf_ray.distill.driver import run_distillation
     from leaf_ray.models import ModelCompatibilityError, ModelLoadError
+    from leaf_ray.tracking import TrackingError
 
     cfg = resolve(config, set_)
     try:
         result = run_distillation(cfg, variant=variant, console=console, parent_run_id=parent_run_id)
-    except (DistillDataError, ModelLoadError, ModelCompatibilityError) as e:
+    except (DistillDataError, ModelLoadError, ModelCompatibilityError, TrackingError, OSError) as e:
         err_console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(1) from None
     console.print(f"[green]done[/green]: {result.steps} steps, best validation loss {result.best_val_loss} "

