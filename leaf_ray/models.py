@@ -54,7 +54,7 @@ def _gguf_cache_root() -> Path:
     return Path(os.environ.get("LEAF_RAY_GGUF_CACHE", Path.home() / ".cache" / "leaf-ray" / "gguf"))
 
 
-def converted_gguf_dir(ref: "ModelRef") -> Path:
+def converted_gguf_dir(ref: ModelRef) -> Path:
     """A GGUF checkpoint converted once to a `save_pretrained` directory (model + tokenizer) and reused.
 
     transformers de-quantizes a GGUF file on every load (SmolLM2-135M: ~45 s of CPU, and again in every
@@ -95,7 +95,7 @@ def converted_gguf_dir(ref: "ModelRef") -> Path:
     return out
 
 
-def load_tokenizer(ref: "ModelRef") -> "PreTrainedTokenizerFast":
+def load_tokenizer(ref: ModelRef) -> PreTrainedTokenizerFast:
     from transformers import AutoTokenizer
 
     if ref.gguf_file and not ref.tokenizer_path:
@@ -154,7 +154,7 @@ def compute_precision(precision: str, *, on_cpu: bool, force: bool = False) -> s
     return {v: k for k, v in PRECISIONS.items()}[dtype]
 
 
-def load_model(ref: "ModelRef", *, device_map=None, max_memory=None, dtype: str | None = None) -> "PreTrainedModel":
+def load_model(ref: ModelRef, *, device_map=None, max_memory=None, dtype: str | None = None) -> PreTrainedModel:
     """`ref`'s model from local disk. Its dtype is `dtype` (or `ref.dtype`), through :func:`compute_dtype`
     when it will run on a CPU (no `device_map` and no visible GPU)."""
     import torch
@@ -203,7 +203,7 @@ def check_distill_compatible(teacher_tok, student_tok, teacher_vocab: int, stude
     return n_tokens
 
 
-def model_config(ref: "ModelRef"):
+def model_config(ref: ModelRef):
     """The model's transformers config, without loading weights (GGUF: from its converted directory)."""
     from transformers import AutoConfig
 
@@ -248,7 +248,7 @@ def _tokenizer_corpus(extra_texts: list[str] | None = None) -> list[str]:
 
 
 def train_tiny_tokenizer(vocab_size: int = 2048, extra_texts: list[str] | None = None,
-                         seed_texts: list[str] | None = None) -> "PreTrainedTokenizerFast":
+                         seed_texts: list[str] | None = None) -> PreTrainedTokenizerFast:
     """A byte-level BPE (any UTF-8 text round-trips; offsets are character offsets) with a ChatML template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -269,7 +269,7 @@ def train_tiny_tokenizer(vocab_size: int = 2048, extra_texts: list[str] | None =
     return fast
 
 
-def make_tiny_model(tokenizer, arch: str = "qwen2", seed: int = 0, **sizes) -> "PreTrainedModel":
+def make_tiny_model(tokenizer, arch: str = "qwen2", seed: int = 0, **sizes) -> PreTrainedModel:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 

@@ -65,7 +65,7 @@ def test_dtype_is_applied(tiny_pair):
 
 
 def test_bf16_on_a_cpu_without_native_bf16_computes_in_fp32(tiny_pair, caplog, monkeypatch):
-    import leaf_ray.models as models
+    from leaf_ray import models
 
     monkeypatch.setattr(models, "_logged_fallbacks", set())
     native = models.cpu_has_native("bfloat16")

@@ -58,9 +58,9 @@ def test_chunked_lm_head_with_tied_weights_and_cut_vocab_equals_full_logits(smol
     uses exactly as the full-logits path does; cutting to n_tokens < V equals the loss on sliced logits."""
     import copy
 
+    from leaf_ray.data.chat import render
     from leaf_ray.distill.loss import hybrid_kl_loss
     from leaf_ray.distill.trainer import StudentWithLoss
-    from leaf_ray.data.chat import render
 
     model, tok = smol
     dcfg = SimpleDistill()
