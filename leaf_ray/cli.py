@@ -356,11 +356,14 @@ def bench_focus(
     config: ConfigOpt = None, set_: SetOpt = None,
     prepare: Annotated[bool, typer.Option("--prepare", help="Train the tiny teacher/student first (cached).")] = False,
     seeds: Annotated[Optional[int], typer.Option("--seeds", min=1, help="Distillation seeds per variant.")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="1 seed, bench.focus.quick_variants, no τ/λ sweep; "
+                                        "run dir <run.name>-quick.")] = False,
 ) -> None:
-    """Controlled confounder benchmark: detection P/R/F1 and KD vs LeaF accuracy."""
+    """Controlled confounder benchmark: detection P/R/F1 and KD vs LeaF (and its controls) accuracy."""
     from leaf_ray.bench.focus import FocusBenchError, run_focus_bench
 
-    overrides = list(set_ or []) + ([f"bench.focus.seeds={seeds}"] if seeds is not None else [])
+    overrides = list(set_ or []) + ([f"bench.focus.seeds={seeds}"] if seeds is not None else []) + (
+        ["bench.focus.quick=true"] if quick else [])
     cfg = resolve(config or "configs/bench-focus.yaml", overrides)
     try:
         run_focus_bench(cfg, prepare=prepare, console=console)

@@ -62,6 +62,9 @@ class FocusSizes(_Section):
     test: int = Field(300, ge=1, description="Held-out problems with 1-2 distractors each.")
 
 
+FocusVariant = Literal["kd", "leaf_instr", "leaf_instr_resp", "leaf_full", "oracle", "random_span"]
+
+
 class FocusBenchConfig(_Section):
     """`leaf-ray bench focus`: the controlled confounder benchmark (leaf_ray/bench/focus.py)."""
 
@@ -70,8 +73,26 @@ class FocusBenchConfig(_Section):
     sizes: FocusSizes = Field(default_factory=FocusSizes)
     prepare: FocusPrepareConfig = Field(default_factory=FocusPrepareConfig)
     seeds: int = Field(3, ge=1, le=20, description="Distillation seeds per variant (run.seed + 0, 1, ...).")
-    variants: list[Literal["kd", "leaf_instr", "leaf_instr_resp"]] = Field(
-        default_factory=lambda: ["kd", "leaf_instr", "leaf_instr_resp"])
+    variants: list[FocusVariant] = Field(
+        default_factory=lambda: ["kd", "leaf_instr", "leaf_instr_resp"],
+        description="kd = KD w/o mask at distill.epochs; leaf_full = Instr & Resp with detection.selection and "
+        "detection.verification; oracle = counterfactuals removing the ground-truth distractor spans; "
+        "random_span = as many tokens per sample as detection pruned, at random spans.")
+    # The v2 controls (issue 12) are off by default (what `leaf-ray demo` runs); configs/bench-focus.yaml turns them on.
+    steps_matched_kd: bool = Field(False, description="KD with the optimizer steps of each LeaF variant.")
+    compute_matched: list[FocusVariant] = Field(
+        default_factory=list,
+        description="LeaF variants that also get a KD control with the same FLOPs (student training + the "
+        "teacher's forward on every row, counterfactuals included, + Stage 1 saliency if count_detection_flops).")
+    count_detection_flops: bool = Field(True, description="Compute-matched KD also pays for Stage 1 saliency.")
+    tau_sweep: list[float] = Field(default_factory=list,
+                                   description="Quantiles q of the τ rule for extra LeaF (Instr) variants.")
+    lambda_sweep: list[float] = Field(default_factory=list,
+                                      description="λ values for the best non-control LeaF variant.")
+    random_seed: int = Field(0, ge=0, description="Seed of the random-span control's spans.")
+    bootstrap_resamples: int = Field(2000, ge=100, description="Replicates of the paired bootstrap CI.")
+    quick: bool = Field(False, description="`--quick`: 1 seed, quick_variants, steps-matched KD only, no sweeps, run dir <name>-quick.")
+    quick_variants: list[FocusVariant] = Field(default_factory=lambda: ["kd", "leaf_instr", "oracle", "random_span"])
     attention_samples: int = Field(200, ge=1, description="Test problems for the attention measurement.")
     heatmaps: int = Field(4, ge=0, description="Detection heatmaps logged to MLflow.")
 

@@ -1,7 +1,8 @@
 """The paper-shaped comparison table, read from MLflow runs.
 
 Rows are variants (run tag `leaf_ray.variant`): Teacher, Pre-KD, KD w/o mask, LeaF (Instr),
-LeaF (Instr & Resp). Columns are the benchmarks (run metrics `eval.<benchmark>.accuracy`, in [0, 1]) grouped
+LeaF (Instr & Resp), then other variants whose runs carry a title tag (`leaf_ray.variant_title`, e.g. the
+controls of `leaf-ray bench focus`). Columns are the benchmarks (run metrics `eval.<benchmark>.accuracy`, in [0, 1]) grouped
 by domain, each domain followed by its average: per run, avg = mean of that domain's benchmark accuracies
 (a run missing one of them has no average). Several runs of one variant (seeds) give mean ± sample std.
 The best mean of each column among the student rows is marked (the teacher is the reference, not a
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 VARIANT_TAG = "leaf_ray.variant"
+TITLE_TAG = "leaf_ray.variant_title"  # the row title of a variant outside VARIANTS
 BENCHMARKS_TAG = "leaf_ray.benchmarks"  # JSON [[name, kind], ...] in config order, set by the runner
 VARIANTS = {
     "teacher": "Teacher",
@@ -74,6 +76,7 @@ class RunScores:
     variant: str
     accuracy: dict[str, float]  # benchmark -> accuracy
     kinds: list[tuple[str, str]]  # (benchmark, kind) in the run's config order
+    title: str | None = None  # tag `leaf_ray.variant_title`: a variant outside VARIANTS, shown under this title
 
 
 @dataclass
@@ -171,13 +174,15 @@ def _columns(runs: list[RunScores]) -> list[Column]:
 
 def build_table(runs: list[RunScores], experiment: str) -> CompareTable:
     """Pure function: runs -> table (mean ± std per variant, domain averages, best per column)."""
-    runs = [r for r in runs if r.variant in VARIANTS and r.accuracy]
+    runs = [r for r in runs if (r.variant in VARIANTS or (r.variant and r.title)) and r.accuracy]
     if not runs:
         raise CompareError(f"experiment {experiment!r}: no runs with tag {VARIANT_TAG} in "
                            f"{sorted(VARIANTS)} and eval.<benchmark>.accuracy metrics")
     columns = _columns(runs)
     rows = []
-    for variant, title in VARIANTS.items():
+    # Then variants titled by their run's tag `leaf_ray.variant_title` (e.g. `leaf-ray bench focus` controls)
+    titles = {**VARIANTS, **{r.variant: r.title for r in runs if r.variant not in VARIANTS}}
+    for variant, title in titles.items():
         mine = [r for r in runs if r.variant == variant]
         if not mine:
             continue
@@ -212,7 +217,8 @@ def run_scores(run) -> RunScores:
         except (ValueError, TypeError):
             raise CompareError(f"run {run.info.run_id}: tag {BENCHMARKS_TAG} is not a JSON list of "
                                f"[name, kind] pairs: {raw[:200]!r}") from None
-    return RunScores(run.info.run_id, run.data.tags.get(VARIANT_TAG, ""), accuracy, kinds)
+    return RunScores(run.info.run_id, run.data.tags.get(VARIANT_TAG, ""), accuracy, kinds,
+                     run.data.tags.get(TITLE_TAG))
 
 
 def compare_experiment(tracking_uri: str, experiment: str) -> CompareTable:
