@@ -155,6 +155,46 @@ class PoolConfig(_Section):
         return kwargs
 
 
+class TeacherPoolConfig(PoolConfig):
+    """The teacher-saliency pool. `device_map`: each actor holds the whole teacher, split over its `num_gpus`
+    GPUs by `device_map="auto"` (one GPU computes at a time). `sharded`: each actor is a gang of `world_size`
+    ranks in one placement group (STRICT_PACK: one node), the teacher's parameters sharded across them with
+    FSDP2, every rank scoring its own `batch_size` units at once (`leaf_ray/detect/sharded_teacher.py`).
+    In both modes `num_gpus`, `num_cpus` and `resources` are what one teacher (actor or gang) holds; a gang
+    rank gets 1/`world_size` of each."""
+
+    mode: Literal["device_map", "sharded"] = Field(
+        "device_map", description="`device_map` (one process, layers over its GPUs) or `sharded` (a gang of "
+        "`world_size` processes, FSDP2-sharded, all computing at once). README: \"Large teachers\".")
+    world_size: int = Field(2, ge=1, description="Ranks of a `sharded` gang (one per GPU when num_gpus > 0).")
+    max_gang_restarts: int = Field(
+        1, ge=0, description="`sharded`: a gang that loses a rank is rebuilt and its batch scored again, at "
+        "most this many times per actor (then the run fails; a rerun resumes from the committed parts).")
+    gang_timeout_s: float = Field(1800.0, gt=0.0, description="`sharded`: collective timeout of the gang.")
+    fail_rank_at_batch: int | None = Field(
+        None, ge=1, description="TESTING ONLY: the last rank of the first gang exits at this batch.")
+
+    @model_validator(mode="after")
+    def _gang_fits(self) -> "TeacherPoolConfig":
+        if self.mode == "sharded" and self.num_gpus and self.num_gpus != self.world_size:
+            raise ValueError(f"mode sharded runs one rank per GPU: num_gpus ({self.num_gpus:g}) must be 0 or "
+                             f"world_size ({self.world_size})")
+        return self
+
+    def rank_resources(self) -> dict[str, float]:
+        """What one rank of a `sharded` gang asks for (one placement-group bundle)."""
+        return {k: v / self.world_size for k, v in self.ray_resources().items()}
+
+    def map_batches_kwargs(self) -> dict[str, Any]:
+        if self.mode != "sharded":
+            return super().map_batches_kwargs()
+        from ray.data import ActorPoolStrategy
+
+        # The Ray Data actor only hands slices to its gang (which holds the resources): it asks for none.
+        return {"compute": ActorPoolStrategy(min_size=self.min_actors, max_size=self.max_actors),
+                "batch_size": self.batch_size * self.world_size, "num_cpus": 0, "num_gpus": 0}
+
+
 class ThresholdConfig(_Section):
     """Which Δ counts as a confounder (DESIGN §1 Stage 1a)."""
 
@@ -191,7 +231,7 @@ class DetectionConfig(_Section):
         False, description="Keep a counterfactual only if the student answers it correctly after pruning; "
         "the others go to detect/rejected_counterfactuals/ with their reason.")
     student_pool: PoolConfig = Field(default_factory=PoolConfig)
-    teacher_pool: PoolConfig = Field(default_factory=PoolConfig)
+    teacher_pool: TeacherPoolConfig = Field(default_factory=TeacherPoolConfig)
     units_per_part: int = Field(
         64, ge=1, description="Units (sample x scope) per streamed block and committed Parquet part: the resume "
         "granularity (a killed run redoes only the parts in flight).")

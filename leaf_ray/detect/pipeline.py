@@ -39,6 +39,12 @@ import pyarrow.parquet as pq
 from leaf_ray.config import LeafConfig
 from leaf_ray.detect.schema import CLEAN_COLUMNS, QUARANTINE_SCHEMA, SCORES_SCHEMA, DetectionError
 from leaf_ray.detect.selection import keep_rows, run_selection, run_verification
+from leaf_ray.detect.sharded_teacher import (
+    GangTeacherScorer,
+    gang_kwargs,
+    new_gang_tag,
+    remove_gang_placement_groups,
+)
 from leaf_ray.detect.stages import (
     SaliencyScorer,
     check_local_resources,
@@ -170,7 +176,13 @@ def run_detection(cfg: LeafConfig, *, console: Console | None = None) -> DetectR
                 "response": det.response.model_dump(), "done": done})
             # Small blocks stream: the teacher starts while the student works, and each block is one part.
             units = units.repartition(target_num_rows_per_block=det.units_per_part)
+            gang_tag = new_gang_tag()
             for role, pool in (("student", det.student_pool), ("teacher", det.teacher_pool)):
+                if role == "teacher" and pool.mode == "sharded":  # a gang per actor: sharded_teacher.py
+                    units = units.map_batches(GangTeacherScorer, batch_format="pyarrow",
+                                              fn_constructor_kwargs=gang_kwargs(cfg, same_tokenizer, gang_tag),
+                                              **pool.map_batches_kwargs())
+                    continue
                 units = units.map_batches(SaliencyScorer, batch_format="pyarrow", fn_constructor_kwargs={
                     "role": role, "model": getattr(cfg.models, role).model_dump(), "dtype": det.dtype,
                     "gradient_checkpointing": det.gradient_checkpointing, "num_gpus": pool.num_gpus,
@@ -182,7 +194,10 @@ def run_detection(cfg: LeafConfig, *, console: Console | None = None) -> DetectR
             commits = results.map_batches(commit_part, batch_format="pyarrow", fn_kwargs={
                 "root": str(paths.root), "counterfactuals_dir": stream_cf_dir.name})
             estimated = estimate_units(cfg, len(target_ids), len(done))
-            scored_now = drain_with_progress(commits, estimated, console)
+            try:
+                scored_now = drain_with_progress(commits, estimated, console)
+            finally:
+                remove_gang_placement_groups(gang_tag)
         if det.verification:  # a post-pass over the committed candidates (module docstring of selection.py)
             verification = run_verification(cfg, paths, clean_files, console=console)
 

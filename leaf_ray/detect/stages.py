@@ -190,7 +190,6 @@ class SaliencyScorer:
         import torch
 
         from leaf_ray.detect.cross_tokenizer import project_scores
-        from leaf_ray.detect.saliency import token_saliency
 
         length = max(len(ids) for _, ids, *_ in live)
         input_ids = torch.zeros(len(live), length, dtype=torch.long)  # pad id is irrelevant: masked out
@@ -200,8 +199,7 @@ class SaliencyScorer:
             input_ids[b, :len(ids)] = torch.tensor(ids)
             attention_mask[b, :len(ids)] = 1
             target_mask[b, :len(ids)] = torch.tensor(target)
-        out = token_saliency(self.model, input_ids, attention_mask, target_mask,
-                             gradient_checkpointing=self.gradient_checkpointing)
+        out = self._saliency(input_ids, attention_mask, target_mask)
         grad_norm, loss = out.grad_norm.float().cpu(), out.loss.float().cpu()
         for b, (i, _, _, scored_idx, own_offsets) in enumerate(live):
             scores = grad_norm[b, scored_idx]
@@ -212,6 +210,13 @@ class SaliencyScorer:
                 self._quarantine(rows[i], f"non-finite {self.role} loss or gradient (dtype overflow?)")
                 continue
             norms[i], losses[i] = scores.tolist(), float(loss[b])
+
+    def _saliency(self, input_ids, attention_mask, target_mask):
+        """One padded batch through the model (the sharded gang's rank overrides this)."""
+        from leaf_ray.detect.saliency import token_saliency
+
+        return token_saliency(self.model, input_ids, attention_mask, target_mask,
+                              gradient_checkpointing=self.gradient_checkpointing)
 
     def _quarantine(self, row: dict, reason: str) -> None:
         row.update(quarantine_stage=self.role, quarantine_reason=reason)
