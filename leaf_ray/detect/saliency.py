@@ -123,6 +123,23 @@ def length_groups(lengths: list[int], max_padding: float) -> list[list[int]]:
     return groups
 
 
+def target_loss(logits: torch.Tensor, input_ids: torch.Tensor, target: torch.Tensor,
+                num_targets: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Each sample's mean CE over its targets, float32 [B], and the number of target rows.
+
+    ``logits`` are the last ``keep`` positions; row j is position T-keep+j and predicts token T-keep+j+1.
+    Only target rows are indexed: non-target rows (padding) never enter the loss or its backward.
+    """
+    batch, length = input_ids.shape
+    keep = logits.shape[1]
+    predicted = target[:, length - keep + 1:]
+    rows, cols = predicted.nonzero(as_tuple=True)
+    token_ce = F.cross_entropy(logits[rows, cols].float(), input_ids[:, length - keep + 1:][rows, cols],
+                               reduction="none")
+    loss_sum = torch.zeros(batch, dtype=torch.float32, device=logits.device).index_add(0, rows, token_ce)
+    return loss_sum / num_targets.clamp(min=1).float(), int(rows.numel())
+
+
 def token_saliency(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_mask: torch.Tensor, *,
                    gradient_checkpointing: bool = False, max_padding: float | None = None) -> SaliencyOutput:
     """``g_t = ||dL_b/de_t||_2`` for every token of a padded batch (left or right padding).
@@ -174,14 +191,7 @@ def token_saliency(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         logits = model(inputs_embeds=embeds, attention_mask=attention_mask,
                        position_ids=position_ids_from_mask(attention_mask), use_cache=False, **kwargs).logits
         logits = logits[:, -keep:]  # model without logits_to_keep: all T positions
-        # Row j of `logits` is position T-keep+j; it predicts token T-keep+j+1.
-        predicted = target[:, length - keep + 1:]
-        # Index the target rows first: non-target rows (padding) never enter the loss or its backward.
-        rows, cols = predicted.nonzero(as_tuple=True)
-        token_ce = F.cross_entropy(logits[rows, cols].float(), input_ids[:, length - keep + 1:][rows, cols],
-                                   reduction="none")
-        loss_sum = torch.zeros(batch, dtype=torch.float32, device=device).index_add(0, rows, token_ce)
-        per_sample_loss = loss_sum / num_targets.clamp(min=1).float()
+        per_sample_loss, _ = target_loss(logits, input_ids, target, num_targets)
         (grad,) = torch.autograd.grad(per_sample_loss.sum(), embeds)
     grad_norm = grad.float().norm(dim=-1).masked_fill(attention_mask == 0, 0.0)
     return SaliencyOutput(grad_norm=grad_norm, loss=per_sample_loss.detach(), num_targets=num_targets)

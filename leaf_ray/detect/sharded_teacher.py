@@ -34,9 +34,14 @@ import time
 
 import pyarrow as pa
 import torch
-import torch.nn.functional as F
 
-from leaf_ray.detect.saliency import SaliencyOutput, _check_inputs, frozen_eval, position_ids_from_mask
+from leaf_ray.detect.saliency import (
+    SaliencyOutput,
+    _check_inputs,
+    frozen_eval,
+    position_ids_from_mask,
+    target_loss,
+)
 from leaf_ray.detect.stages import SaliencyScorer
 
 # --------------------------------------------------------------------------- the pure part
@@ -112,7 +117,7 @@ def gang_token_saliency(model, input_ids: torch.Tensor, attention_mask: torch.Te
     input_ids = input_ids.to(device).clone()
     attention_mask = attention_mask.to(device).long().clone()
     target = target_mask.to(device).bool().clone()
-    batch, length = input_ids.shape
+    length = input_ids.shape[1]
     num_targets = target.sum(-1)
     has_target = target.any(0).nonzero()
     first_target = int(has_target[0]) if has_target.numel() else length - 1
@@ -128,15 +133,10 @@ def gang_token_saliency(model, input_ids: torch.Tensor, attention_mask: torch.Te
         logits = model(input_ids=input_ids, attention_mask=attention_mask,
                        position_ids=position_ids_from_mask(attention_mask), use_cache=False, **kwargs).logits
         logits = logits[:, -keep:]
-        predicted = target[:, length - keep + 1:]
-        rows, cols = predicted.nonzero(as_tuple=True)
-        token_ce = F.cross_entropy(logits[rows, cols].float(), input_ids[:, length - keep + 1:][rows, cols],
-                                   reduction="none")
-        loss_sum = torch.zeros(batch, dtype=torch.float32, device=device).index_add(0, rows, token_ce)
-        per_sample_loss = loss_sum / num_targets.clamp(min=1).float()
+        per_sample_loss, n_target_rows = target_loss(logits, input_ids, target, num_targets)
         # A batch without targets still runs the backward (0 · the logits), so that every rank's FSDP units
         # gather in the backward as on the others.
-        total = per_sample_loss.sum() if rows.numel() else logits.float().sum() * 0.0
+        total = per_sample_loss.sum() if n_target_rows else logits.float().sum() * 0.0
         (grad,) = torch.autograd.grad(total, leaves[0])
     grad_norm = grad.float().norm(dim=-1).masked_fill(attention_mask == 0, 0.0)
     return SaliencyOutput(grad_norm=grad_norm, loss=per_sample_loss.detach(), num_targets=num_targets)
