@@ -43,10 +43,12 @@ def tiny_tokenizer(tiny_pair):
 def ray_local():
     """One local Ray instance for the session (2 CPUs, no dashboard); shut down at the end."""
     import ray
+    from ray_processes import TRAIN_POLL_ENV
 
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu"}})
+                 runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu",
+                                           **TRAIN_POLL_ENV}})
     yield ray
     ray.shutdown()
 

@@ -23,6 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 BIN = Path(sys.executable).parent  # the venv: `ray`, and the `python` a job's entrypoint runs
+# Ray Train's controller registers a reported checkpoint when it next polls the workers (every 2 s by default);
+# the tests' optimizer steps take ~0.1 s, so the tests poll faster than a step: a SIGKILL test can then kill
+# after a checkpoint is registered, as it would be within a step of real length.
+TRAIN_POLL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
 
 
 @dataclass
