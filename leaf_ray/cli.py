@@ -303,6 +303,8 @@ def bench_detect(
     threads: Annotated[Optional[int], typer.Option(help="torch threads (default: all CPUs).")] = None,
     pairs: Annotated[str, typer.Option(help="Comma-separated: tiny, larger.")] = "tiny,larger",
     pipeline: Annotated[bool, typer.Option(help="Also time run_detection end to end on a local Ray.")] = True,
+    small_job: Annotated[bool, typer.Option(help="Also time `leaf-ray ingest` + `detect` as commands against "
+                                                 "the naive loop as one whole process.")] = True,
 ) -> None:
     """This pipeline vs a naive per-sample loop mirroring the reference release."""
     from leaf_ray.bench.detect import run_bench
@@ -314,7 +316,18 @@ def bench_detect(
         err_console.print(f"[red]error:[/red] --pairs: unknown pair(s) {unknown}; choose from tiny, larger")
         raise typer.Exit(2)
     run_bench(cfg, console, samples=samples, batch_size=batch_size, rounds=rounds, repeats=repeats,
-              threads=threads, pairs=chosen, pipeline=pipeline)
+              threads=threads, pairs=chosen, pipeline=pipeline, small_job=small_job)
+
+
+@bench_app.command("ingest")
+def bench_ingest(
+    config: ConfigOpt = None, set_: SetOpt = None,
+    records: Annotated[int, typer.Option(help="JSONL records in the generated corpus.")] = 100_000,
+) -> None:
+    """Records/s of `leaf-ray ingest` on a large corpus vs a plain Python loop doing the same checks."""
+    from leaf_ray.bench.ingest import run_ingest_bench
+
+    run_ingest_bench(resolve(config, set_), console, records=records)
 
 
 @bench_app.command("distill")

@@ -224,6 +224,10 @@ class DetectionConfig(_Section):
     instruction_level: bool = True
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     gradient_checkpointing: bool = False
+    max_padding: float | None = Field(
+        0.25, ge=0.0, description="A saliency actor splits each batch into length groups whose padded tokens are "
+        "at most (1 + max_padding) × their real tokens, one pass each (same scores, less padding work); null = "
+        "one pass per batch. The sharded teacher gang always scores its batch in one pass.")
     selection: bool = Field(
         False, description="Stage 1 selection: score only samples the teacher answers correctly and the "
         "student does not (greedy generation from `generation`; verdicts and reasons in detect/selection/).")

@@ -126,7 +126,8 @@ def test_flop_count_matches_torch_flop_counter():
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from leaf_ray.bench.gpu import TINY_TEACHER, build_model
+    from leaf_ray.bench.gpu import TINY_TEACHER
+    from leaf_ray.bench.gpu_inputs import build_model
 
     torch.set_num_threads(1)
     model = build_model(TINY_TEACHER, torch.device("cpu"), torch.float32, seed=0)

@@ -242,7 +242,7 @@ def test_quick_config_and_yaml(tmp_path):
 
 def test_runs_tables_and_compare_titles():
     from leaf_ray.bench.config import FocusBenchConfig
-    from leaf_ray.bench.focus import TEST, TEST_CLEAN, VariantRuns, diff_rows, method_rows
+    from leaf_ray.bench.focus_results import TEST, TEST_CLEAN, VariantRuns, diff_rows, method_rows
     from leaf_ray.evaluate.compare import RunScores, build_table
 
     runs = VariantRuns(FocusBenchConfig(bootstrap_resamples=200), [])

@@ -60,7 +60,7 @@ def test_chunked_lm_head_with_tied_weights_and_cut_vocab_equals_full_logits(smol
 
     from leaf_ray.data.chat import render
     from leaf_ray.distill.loss import hybrid_kl_loss
-    from leaf_ray.distill.trainer import StudentWithLoss
+    from leaf_ray.distill.engines import StudentWithLoss
 
     model, tok = smol
     dcfg = SimpleDistill()

@@ -175,7 +175,8 @@ def test_crash_and_resume_continues_from_the_checkpoint(baseline, tiny_pair, tmp
 
 
 def test_deepspeed_config_follows_the_config_tree(cfg_factory):
-    from leaf_ray.distill.trainer import accumulation_steps, deepspeed_config
+    from leaf_ray.distill.engines import deepspeed_config
+    from leaf_ray.distill.trainer import accumulation_steps
 
     cfg = cfg_factory(distill={"global_batch_size": 16, "micro_batch_size": 2, "max_grad_norm": 0.5,
                                "deepspeed": {"zero_stage": 3, "offload_optimizer": True, "offload_param": True,

@@ -8,6 +8,8 @@ Methods, each in its own fresh subprocess (so its peak memory is its own and not
 - ``batched``: the pipeline's own code without Ray: ``tokenise_units`` then the student's and the teacher's
   ``SaliencyScorer`` on padded batches (eval mode, frozen parameters, gradient w.r.t. the input embeddings
   only).
+- ``grouped``: ``batched`` with the pipeline's default ``detection.max_padding``: each batch split into length
+  groups (padded tokens ≤ (1 + max_padding) × real tokens), one pass each — what the actors do by default.
 - ``naive``: :func:`naive_saliency`, the reference release's loop (``run_gradients_*_instruct_level.py``): one
   sample and one model at a time, ``model.train()``, every parameter requiring grad, ``loss.backward()`` (all
   parameter gradients computed, never used), the HF ``labels`` loss over all logits, the instruction found by
@@ -44,6 +46,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -188,10 +191,10 @@ def run_worker(method: str, pair: dict[str, str], samples: list[dict], batch_siz
     import torch
 
     from leaf_ray.bench.flops import matmul_peak
-    from leaf_ray.config import ModelRef
+    from leaf_ray.config import DetectionConfig, ModelRef
     from leaf_ray.detect.stages import SaliencyScorer, tokenise_units
-    from leaf_ray.raycluster import cached_tokenizer
     from leaf_ray.models import load_model
+    from leaf_ray.raycluster import cached_tokenizer
 
     torch.set_num_threads(threads)
     peak = matmul_peak("cpu", torch.float32, n=1024, iters=10)["flops_per_s"]  # same threads as the method
@@ -202,10 +205,11 @@ def run_worker(method: str, pair: dict[str, str], samples: list[dict], batch_siz
                                                 instruction_level=True, response=response_off,
                                                 done=frozenset()))
 
-    if method == "batched":
+    if method in ("batched", "grouped"):
+        max_padding = DetectionConfig().max_padding if method == "grouped" else None
         scorers = [SaliencyScorer(role, refs[role].model_dump(), dtype="float32",
                                   gradient_checkpointing=False, num_gpus=0, max_memory_per_gpu=None,
-                                  own_tokenizer=False)
+                                  own_tokenizer=False, max_padding=max_padding)
                    for role in ("student", "teacher")]
         loaded = _rss_mb()
 
@@ -308,6 +312,63 @@ def run_pipeline_worker(pair: dict[str, str], samples: list[dict], batch_size: i
             "first_scores": None, "steady_samples_per_s": steady}
 
 
+# --------------------------------------------------------------------------- small jobs, whole processes
+
+
+def naive_script(pair: dict[str, str], samples: list[dict], out: Path) -> None:
+    """The reference release's way as one script: load both models, score every sample with
+    :func:`naive_saliency`, write the norms to Parquet. Timed from outside, interpreter start included."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from leaf_ray.config import ModelRef
+    from leaf_ray.models import load_model, load_tokenizer
+
+    refs = {role: ModelRef(path=pair[role]) for role in ("student", "teacher")}
+    models = {role: load_model(refs[role]) for role in refs}
+    tokenizer = load_tokenizer(refs["student"])
+    rows = [{"sample_id": s["sample_id"], **{f"{role}_grad_norm": naive_saliency(
+        models[role], tokenizer, s["instruction"], s["output"])[0].tolist() for role in models}} for s in samples]
+    pq.write_table(pa.Table.from_pylist(rows), out)
+
+
+def time_small_job(pair: dict[str, str], samples: list[dict], workdir: Path, timeout_s: float) -> dict[str, float]:
+    """Wall seconds of the whole job, from the command to the written Parquet: `leaf-ray ingest` then
+    `leaf-ray detect` (a fresh local Ray each, as a user runs them) vs :func:`naive_script` in one process."""
+    import yaml
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    samples_file = workdir / "samples.json"
+    samples_file.write_text(json.dumps(samples), encoding="utf-8")
+    env = dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"), RAY_USAGE_STATS_ENABLED="0")
+    env.pop("RAY_ADDRESS", None)
+    t0 = time.perf_counter()
+    _spawn(["worker", "--method", "naive-script", "--student", pair["student"], "--teacher", pair["teacher"],
+            "--samples", str(samples_file), "--batch-size", "1", "--workdir", str(workdir)], timeout_s)
+    naive = time.perf_counter() - t0
+    jsonl = workdir / "input.jsonl"
+    jsonl.write_text("".join(json.dumps({"id": s["sample_id"], "instruction": s["instruction"],
+                                         "output": s["output"], "answer": s["answer"]}) + "\n" for s in samples))
+    pool = {"batch_size": 8, "num_cpus": 0.5}
+    config = workdir / "config.yaml"
+    shutil.rmtree(workdir / "runs", ignore_errors=True)
+    config.write_text(yaml.safe_dump({
+        "run": {"name": "small-job", "root_dir": str(workdir / "runs")}, "ray": {"num_cpus": os.cpu_count() or 2},
+        "models": {"teacher": {"path": pair["teacher"]}, "student": {"path": pair["student"]},
+                   "make_tiny_if_missing": False},
+        "data": {"paths": [str(jsonl)], "validation_fraction": 0.0},
+        "tracking": {"enabled": False},
+        "detection": {"student_pool": pool, "teacher_pool": pool}}))
+    t0 = time.perf_counter()
+    for verb in ("ingest", "detect"):
+        proc = subprocess.run([sys.executable, "-m", "leaf_ray.cli", verb, "--config", str(config)], env=env,
+                              capture_output=True, text=True, timeout=timeout_s, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"leaf-ray {verb} failed ({proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    command = time.perf_counter() - t0
+    return {"naive, whole process": naive, "leaf-ray ingest + detect": command}
+
+
 # --------------------------------------------------------------------------- the driver
 
 
@@ -325,7 +386,7 @@ def _spawn(args: list[str], timeout_s: float) -> dict:
 
 def run_bench(cfg, console, *, samples: int = 32, batch_size: int | None = None, rounds: int = 2,
               repeats: int = 1, threads: int | None = None, pairs: tuple[str, ...] = ("tiny", "larger"),
-              pipeline: bool = True, timeout_s: float = 3600) -> list[Measurement]:
+              pipeline: bool = True, small_job: bool = True, timeout_s: float = 3600) -> list[Measurement]:
     """Measure every (pair, method), print the table with ratios against the naive loop, return the rows."""
     root = cfg.run.dir / "bench-detect"
     root.mkdir(parents=True, exist_ok=True)
@@ -338,7 +399,7 @@ def run_bench(cfg, console, *, samples: int = 32, batch_size: int | None = None,
     console.print(f"bench detect: {samples} samples, batch {batch_size}, {threads} torch threads, {rounds} "
                   f"rounds x {repeats} repeats (fastest kept), {os.cpu_count()} CPUs, load average "
                   f"{load:.1f}")
-    methods = ["naive", "batched"] + (["pipeline"] if pipeline else [])
+    methods = ["naive", "batched", "grouped"] + (["pipeline"] if pipeline else [])
     best: dict[tuple[str, str], Measurement] = {}
     for round_index in range(rounds):
         for pair in pairs:
@@ -366,8 +427,32 @@ def run_bench(cfg, console, *, samples: int = 32, batch_size: int | None = None,
             wall_s=m.samples / m.steady_samples_per_s, cpu_s=None, peak_rss_mb=None, loaded_rss_mb=None,
             flops=m.flops, peak_flops_per_s=m.peak_flops_per_s))
     print_table(console, results)
+    if small_job:
+        print_small_job(console, {pair: min_each(time_small_job(model_dirs[pair], json.loads(
+            samples_file.read_text()), root / "small-job" / pair, timeout_s) for _ in range(rounds))
+            for pair in pairs}, samples)
     console.print(f"load average now {os.getloadavg()[0]:.1f} (other processes share these CPUs)")
     return results
+
+
+def min_each(rounds) -> dict[str, float]:
+    rounds = list(rounds)
+    return {k: min(r[k] for r in rounds) for k in rounds[0]}
+
+
+def print_small_job(console, seconds: dict[str, dict[str, float]], samples: int) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"Small job: {samples} samples, whole job wall time (start-up and model loading included)")
+    for col in ("pair", "naive, whole process (s)", "leaf-ray ingest + detect (s)", "× naive"):
+        table.add_column(col, justify="left" if col == "pair" else "right")
+    for pair, row in seconds.items():
+        naive, command = row["naive, whole process"], row["leaf-ray ingest + detect"]
+        table.add_row(pair, f"{naive:.1f}", f"{command:.1f}", f"{command / naive:.2f}×")
+    console.print(table)
+    console.print("naive, whole process: one Python process loading both models and scoring every sample the "
+                  "reference's way, to Parquet. leaf-ray: the two commands a user runs (each starts its own "
+                  "local Ray). × naive > 1 means the commands are slower. Goal (issue 13): ≤ 1×.")
 
 
 def print_table(console, results: list[Measurement]) -> None:
@@ -416,7 +501,8 @@ def print_table(console, results: list[Measurement]) -> None:
 
 def _worker_main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="leaf_ray.bench.detect worker")
-    parser.add_argument("--method", required=True, choices=["naive", "batched", "pipeline"])
+    parser.add_argument("--method", required=True, choices=["naive", "batched", "grouped", "pipeline",
+                                                             "naive-script"])
     parser.add_argument("--student", required=True)
     parser.add_argument("--teacher", required=True)
     parser.add_argument("--samples", required=True)
@@ -427,7 +513,10 @@ def _worker_main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     samples = json.loads(Path(args.samples).read_text(encoding="utf-8"))
     pair = {"student": args.student, "teacher": args.teacher}
-    if args.method == "pipeline":
+    if args.method == "naive-script":
+        naive_script(pair, samples, Path(args.workdir) / "naive_scores.parquet")
+        out = {}
+    elif args.method == "pipeline":
         out = run_pipeline_worker(pair, samples, args.batch_size, Path(args.workdir))
     else:
         out = run_worker(args.method, pair, samples, args.batch_size, args.repeats, args.threads)

@@ -141,7 +141,8 @@ def time_loops(cfg: LeafConfig, rows, *, steps: int, warmup: int) -> tuple[LoopT
     Their steps are interleaved (one of ours, one of the reference's, ...) so that a machine whose load changes
     during the bench slows both alike; wall-clock and process CPU seconds are both recorded."""
     from leaf_ray.distill.data import plan_epoch
-    from leaf_ray.distill.trainer import DistillRecipe, World, accumulation_steps, build_student, build_teacher
+    from leaf_ray.distill.engines import build_student, build_teacher
+    from leaf_ray.distill.trainer import DistillRecipe, World, accumulation_steps
     from leaf_ray.models import load_tokenizer
 
     _init_single_process_group()

@@ -55,16 +55,14 @@ import platform
 import random
 import sys
 import time
-import weakref
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from leaf_ray.bench.flops import Shape, forward_flops, matmul_peak, saliency_flops, training_flops
+from leaf_ray.bench.gpu_inputs import Sample, build_model, length_batches, pad_batch, reference_saliency
+from leaf_ray.bench.measure import measure
 
 LLAMA_1B = {"hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
             "intermediate_size": 8192, "vocab_size": 128256, "tie_word_embeddings": True}
@@ -117,136 +115,7 @@ def smoke_settings() -> Settings:
                     distill_batch=2, distill_seq=32, repeats=2)
 
 
-# --------------------------------------------------------------------------- timing and memory
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class _CpuPeak(TorchDispatchMode):
-    """Peak bytes of CPU storages created by ops run under this mode and still alive (views and in-place
-    results of existing storages are not new; a storage is released when its last tensor dies)."""
-
-    def __init__(self):
-        super().__init__()
-        self.live: dict[int, int] = {}
-        self.refs: dict[int, weakref.ref] = {}
-        self.current = 0
-        self.peak = 0
-
-    def _release(self, key: int) -> None:
-        self.current -= self.live.pop(key, 0)
-        self.refs.pop(key, None)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        leaves = tree_leaves((args, kwargs))
-        existing = {id(t.untyped_storage()) for t in leaves if isinstance(t, torch.Tensor)}
-        out = func(*args, **kwargs)
-        for t in tree_leaves(out):
-            if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
-                continue
-            storage = t.untyped_storage()
-            key = id(storage)
-            if key in existing or key in self.live:
-                continue
-            self.live[key] = storage.nbytes()
-            self.refs[key] = weakref.ref(storage, lambda _, k=key: self._release(k))
-            self.current += self.live[key]
-            self.peak = max(self.peak, self.current)
-        return out
-
-
-class PeakMemory:
-    """``with PeakMemory(device) as pm: ...`` then ``pm.peak_bytes``: the peak above the memory in use at
-    entry (CUDA allocator statistics; on CPU the storages created inside, see :class:`_CpuPeak`)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.peak_bytes = 0
-        self._mode = None
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self._mode = _CpuPeak()
-            self._mode.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._base
-        else:
-            self._mode.__exit__(*exc)
-            self.peak_bytes = self._mode.peak
-        return False
-
-
-def measure(fn: Callable[[], object], device: torch.device, repeats: int,
-            setup: Callable[[], None] | None = None) -> dict:
-    """Warm-up once, then the fastest of ``repeats`` timed calls and the peak memory of one call.
-
-    ``setup`` runs before every call, untimed. On CUDA the memory is read during the timed calls; on CPU in
-    one more call (the dispatch mode that counts CPU memory would slow the timed ones)."""
-    setup = setup or (lambda: None)
-    setup()
-    fn()
-    _sync(device)
-    best = math.inf
-    with PeakMemory(device) as mem:
-        for _ in range(max(1, repeats)):
-            setup()
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            best = min(best, time.perf_counter() - t0)
-    if device.type != "cuda":
-        setup()
-        with PeakMemory(device) as mem:
-            fn()
-    return {"seconds": best, "peak_mem_bytes": int(mem.peak_bytes)}
-
-
-# --------------------------------------------------------------------------- models and inputs
-
-
-def build_model(sizes: dict, device: torch.device, dtype: torch.dtype, seed: int):
-    """A random-initialised LlamaForCausalLM of these sizes, created on ``device`` in ``dtype``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(**sizes, max_position_embeddings=8192, rope_theta=500000.0, attention_dropout=0.0,
-                         use_cache=False)
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
-    return model.eval()  # parameters were created on the device in dtype (rotary inv_freq stays fp32)
-
-
-@dataclass
-class Sample:
-    ids: torch.Tensor     # [T] int64 on the device
-    prompt_len: int       # tokens before the response (the loss targets are the rest)
-
-    @property
-    def length(self) -> int:
-        return int(self.ids.numel())
-
-    @property
-    def targets(self) -> int:
-        return self.length - self.prompt_len
+# --------------------------------------------------------------------------- inputs
 
 
 def make_samples(s: Settings, vocab: int, device: torch.device) -> list[Sample]:
@@ -257,44 +126,6 @@ def make_samples(s: Settings, vocab: int, device: torch.device) -> list[Sample]:
         p, r = rng.randint(*s.prompt_len), rng.randint(*s.response_len)
         out.append(Sample(torch.randint(1, vocab, (p + r,), generator=gen).to(device), p))
     return out
-
-
-def length_batches(samples: list[Sample], token_budget: int) -> list[list[Sample]]:
-    """Length-sorted batches whose padded size (count × longest) stays within the budget."""
-    batches, current = [], []
-    for sample in sorted(samples, key=lambda x: x.length):
-        if current and (len(current) + 1) * sample.length > token_budget:
-            batches.append(current)
-            current = []
-        current.append(sample)
-    return batches + ([current] if current else [])
-
-
-def pad_batch(batch: list[Sample], device: torch.device):
-    """Right-padded ids, attention mask and target mask (targets = response tokens)."""
-    length = max(x.length for x in batch)
-    ids = torch.zeros(len(batch), length, dtype=torch.long, device=device)
-    attn = torch.zeros_like(ids)
-    target = torch.zeros_like(ids, dtype=torch.bool)
-    for i, x in enumerate(batch):
-        ids[i, :x.length] = x.ids
-        attn[i, :x.length] = 1
-        target[i, x.prompt_len:x.length] = True
-    return ids, attn, target
-
-
-def reference_saliency(model, sample: Sample) -> torch.Tensor:
-    """The reference release's per-sample step: train mode, parameter gradients accumulated, HF labels loss
-    over the full logits; the embedding output keeps its gradient (``retain_grad``). -> norms [T] fp32."""
-    model.train()
-    ids = sample.ids[None]
-    labels = ids.clone()
-    labels[:, :sample.prompt_len] = -100
-    embeds = model.get_input_embeddings()(ids)
-    embeds.retain_grad()
-    loss = model(inputs_embeds=embeds, attention_mask=torch.ones_like(ids), labels=labels, use_cache=False).loss
-    loss.backward()
-    return embeds.grad[0].float().norm(dim=-1)
 
 
 # --------------------------------------------------------------------------- sections

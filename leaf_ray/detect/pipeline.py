@@ -187,7 +187,7 @@ def run_detection(cfg: LeafConfig, *, console: Console | None = None) -> DetectR
                     "role": role, "model": getattr(cfg.models, role).model_dump(), "dtype": det.dtype,
                     "gradient_checkpointing": det.gradient_checkpointing, "num_gpus": pool.num_gpus,
                     "max_memory_per_gpu": pool.max_memory_per_gpu,
-                    "own_tokenizer": role == "teacher" and not same_tokenizer},
+                    "own_tokenizer": role == "teacher" and not same_tokenizer, "max_padding": det.max_padding},
                     **pool.map_batches_kwargs())
             results = units.map_batches(score_and_prune, batch_format="pyarrow",
                                         fn_kwargs={"threshold": det.threshold, "pruning": det.pruning})

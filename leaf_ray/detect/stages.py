@@ -134,19 +134,19 @@ class SaliencyScorer:
 
     Placement: no GPU -> the whole model on CPU; up to one GPU -> on that GPU; several GPUs -> sharded
     over them with `device_map="auto"`, each capped at `max_memory_per_gpu`. Batches are padded to their own
-    longest unit only. With `own_tokenizer` (a teacher whose tokenizer differs from the student's) each unit
+    longest unit only, and with `max_padding` split into length groups scored one pass each. With `own_tokenizer` (a teacher whose tokenizer differs from the student's) each unit
     is rendered again with this model's tokenizer and the scores are projected onto the student's tokens by
     character overlap within the scored text (`cross_tokenizer.project_scores`).
     """
 
     def __init__(self, role: str, model: dict, *, dtype: str, gradient_checkpointing: bool, num_gpus: float,
-                 max_memory_per_gpu: str | None, own_tokenizer: bool):
+                 max_memory_per_gpu: str | None, own_tokenizer: bool, max_padding: float | None = None):
         import torch
 
         from leaf_ray.models import load_model
 
         ref = ModelRef(**model)
-        self.role, self.gradient_checkpointing = role, gradient_checkpointing
+        self.role, self.gradient_checkpointing, self.max_padding = role, gradient_checkpointing, max_padding
         if num_gpus > 1 and torch.cuda.is_available():
             max_memory = ({i: max_memory_per_gpu for i in range(torch.cuda.device_count())}
                           if max_memory_per_gpu else None)
@@ -216,7 +216,7 @@ class SaliencyScorer:
         from leaf_ray.detect.saliency import token_saliency
 
         return token_saliency(self.model, input_ids, attention_mask, target_mask,
-                              gradient_checkpointing=self.gradient_checkpointing)
+                              gradient_checkpointing=self.gradient_checkpointing, max_padding=self.max_padding)
 
     def _quarantine(self, row: dict, reason: str) -> None:
         row.update(quarantine_stage=self.role, quarantine_reason=reason)

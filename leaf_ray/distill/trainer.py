@@ -6,10 +6,11 @@ run, the ``TorchTrainer``) starts :func:`train_worker` on every rank. Read this 
 1. :func:`train_worker` and :class:`DistillRecipe`, in the torchtune manner: ``setup`` (a DeepSpeed student, a
    frozen teacher, the rows, the world, resumed from the last checkpoint), ``train`` (the epoch loop of
    ``train_step``), ``validate``, ``save_checkpoint`` / ``save_best``, ``export``.
-2. The helpers they call, in that order.
+2. The helpers of one optimizer step. The engines are built in :mod:`leaf_ray.distill.engines`, RNG states,
+   best-model weights and the export in :mod:`leaf_ray.distill.checkpoints`.
 
 The loss is :mod:`leaf_ray.distill.loss` (``L = λ·KL_orig + (1−λ)·KL_cf``), computed inside the module DeepSpeed
-wraps (:class:`StudentWithLoss`; by default the student's logits are built per chunk of target positions, never
+wraps (:class:`leaf_ray.distill.engines.StudentWithLoss`; by default the student's logits are built per chunk of target positions, never
 as a whole ``[B, T, V]`` tensor). The teacher (:mod:`leaf_ray.distill.teacher`) is frozen and replicated on
 every rank, partitioned across ranks with ZeRO-3, or replaced by the offline top-k cache. The batch order is
 :func:`leaf_ray.distill.data.plan_epoch`.
@@ -42,7 +43,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import tempfile
 import time
@@ -54,6 +54,13 @@ import numpy as np
 import torch
 
 from leaf_ray.config import LeafConfig, config_from_dict
+from leaf_ray.distill.checkpoints import (
+    consolidated_state_dict,
+    export_best_model,
+    prune_best_models,
+    rng_states,
+    set_rng_states,
+)
 from leaf_ray.distill.data import (
     DistillDataError,
     TokenizedRows,
@@ -62,6 +69,7 @@ from leaf_ray.distill.data import (
     plan_epoch,
     steps_per_epoch,
 )
+from leaf_ray.distill.engines import build_student, build_teacher
 
 
 def accumulation_steps(global_batch: int, micro_batch: int, world: int) -> int:
@@ -371,7 +379,8 @@ class DistillRecipe:
             self.save_best()
         dist.barrier()
         if self.world.rank == 0:
-            export_best_model(self.out_dir, state, self.tokenizer, self.variant)
+            export_best_model(self.out_dir, self.tokenizer, self.variant, best_step=state.best_step,
+                              best_val_loss=state.best_val_loss, steps=state.step)
             summary = {"steps": state.step, "best_val_loss": state.best_val_loss, "best_step": state.best_step,
                        "steps_per_epoch": self.per_epoch, "world_size": self.world.size,
                        "accumulation_steps": self.world.accum}
@@ -380,135 +389,6 @@ class DistillRecipe:
 
 
 # =========================================================================== 2. helpers, in call order
-
-# ---- models
-
-
-def deepspeed_config(cfg: LeafConfig, world: int, accum: int, *, zero_stage: int, precision: str,
-                     trains: bool = True) -> dict[str, Any]:
-    dcfg, ds = cfg.distill, cfg.distill.deepspeed
-    zero: dict[str, Any] = {"stage": zero_stage}
-    if trains and ds.offload_optimizer and zero_stage >= 1:
-        zero["offload_optimizer"] = {"device": "cpu"}
-    if ds.offload_param and zero_stage == 3:
-        zero["offload_param"] = {"device": "cpu"}
-    conf: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": dcfg.micro_batch_size,
-        "gradient_accumulation_steps": accum,
-        "train_batch_size": dcfg.micro_batch_size * accum * world,
-        "zero_optimization": zero,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-    if trains:
-        conf.update({"gradient_clipping": dcfg.max_grad_norm,
-                     # a client torch AdamW: nothing is JIT-compiled (DeepSpeed's own CPU Adam would be)
-                     "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False})
-    if precision == "bf16":
-        conf["bf16"] = {"enabled": True}
-    elif precision == "fp16":
-        conf["fp16"] = {"enabled": True}
-    return conf
-
-
-class StudentWithLoss(torch.nn.Module):
-    """The student LM and the hybrid KL as one module: DeepSpeed's engine wraps the whole loss computation
-    (its backward hooks then sit on the loss itself).
-
-    ``chunked_head``: the student's logits are built per chunk of target positions from the final hidden states
-    and the LM head (:func:`hybrid_kl_from_hidden`), so no ``[B, T, V]`` logits tensor exists. Otherwise (ZeRO-3,
-    whose LM head is partitioned; heads with soft-capping or scaling) the model's own logits are used.
-    ``n_tokens``: the tokenizer's length; vocabulary rows past it are padding and are cut from the logits.
-    """
-
-    def __init__(self, model, dcfg, chunked_head: bool, n_tokens: int | None = None):
-        super().__init__()
-        self.model = model
-        self.chunked_head = chunked_head
-        self.n_tokens = n_tokens
-        self.loss_kwargs = dict(lambda_=dcfg.lambda_, temperature=dcfg.temperature, weighting=dcfg.weighting,
-                                chunk_size=dcfg.chunk_size)
-
-    def forward(self, input_ids, attention_mask, target_mask, is_counterfactual, teacher) -> dict:
-        from leaf_ray.distill.loss import hybrid_kl_from_hidden, hybrid_kl_loss
-
-        if self.chunked_head:
-            hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                              use_cache=False).last_hidden_state
-            head, n = self.model.get_output_embeddings(), self.n_tokens
-            kl = hybrid_kl_from_hidden(hidden, head.weight[:n], teacher, target_mask, is_counterfactual,
-                                       lm_head_bias=None if head.bias is None else head.bias[:n],
-                                       **self.loss_kwargs)
-        else:
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-            kl = hybrid_kl_loss(logits[..., :self.n_tokens], teacher, target_mask, is_counterfactual,
-                                **self.loss_kwargs)
-        return dict(vars(kl))  # a dict: DeepSpeed hooks the tensors of dicts/tuples, not of dataclasses
-
-
-def can_chunk_head(model, zero_stage: int) -> bool:
-    """Plain linear LM heads whose weight is whole on every rank (not ZeRO-3)."""
-    cfg = model.config
-    capped = getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (None, 1.0)
-    return zero_stage < 3 and not capped and isinstance(model.get_output_embeddings(), torch.nn.Linear)
-
-
-def build_student(cfg: LeafConfig, world: int, accum: int, total_steps: int, *, with_loss: bool = True):
-    """The student as a DeepSpeed engine with a client AdamW and a warm-up + decay LR schedule.
-
-    ``with_loss``: the engine wraps :class:`StudentWithLoss` (the trainer); else the bare LM (benchmarks)."""
-    from leaf_ray.distill.ds_ops import import_deepspeed
-
-    deepspeed = import_deepspeed()
-    from transformers import get_scheduler
-
-    from leaf_ray.models import compute_precision, load_model, load_tokenizer
-
-    dcfg = cfg.distill
-    model = load_model(cfg.models.student, dtype="float32")
-    model.config.use_cache = False
-    if with_loss:
-        chunked = dcfg.chunked_lm_head and can_chunk_head(model, dcfg.deepspeed.zero_stage)
-        model = StudentWithLoss(model, dcfg, chunked_head=chunked,
-                                n_tokens=len(load_tokenizer(cfg.models.student)))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=dcfg.lr, weight_decay=dcfg.weight_decay)
-    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[dcfg.scheduler]
-    scheduler = get_scheduler(name, optimizer, num_warmup_steps=dcfg.warmup_steps, num_training_steps=total_steps)
-    precision = compute_precision(dcfg.deepspeed.precision, on_cpu=not torch.cuda.is_available(),
-                                  force=cfg.models.student.force_dtype)
-    conf = deepspeed_config(cfg, world, accum, zero_stage=dcfg.deepspeed.zero_stage, precision=precision)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=conf)
-    engine.train()
-    return engine
-
-
-def build_teacher(cfg: LeafConfig, world: int, accum: int, device):
-    """The frozen teacher signal: replicated module, ZeRO-3 partitioned module, or the offline top-k cache."""
-    from leaf_ray.distill.ds_ops import import_deepspeed
-    from leaf_ray.distill.teacher import OnlineTeacher, TargetLogitsTeacher
-    from leaf_ray.models import load_model
-
-    mode = cfg.distill.teacher_mode
-    if mode == "topk_cache":
-        from leaf_ray.distill.topk_cache import cache_dir_for, load_topk_teacher
-
-        return load_topk_teacher(cache_dir_for(cfg))
-    model = load_model(cfg.models.teacher)
-    model.requires_grad_(False)
-    model.eval()
-    if mode == "replicated":
-        model.to(device)
-        if can_chunk_head(model, zero_stage=0):
-            return TargetLogitsTeacher(model)
-    else:
-        # the dtype load_model settled on (float32 on a CPU without native bf16)
-        loaded = str(next(model.parameters()).dtype).removeprefix("torch.")
-        precision = {"bfloat16": "bf16", "float16": "fp16"}.get(loaded, "fp32")
-        conf = deepspeed_config(cfg, world, accum, zero_stage=3, precision=precision, trains=False)
-        model, _, _, _ = import_deepspeed().initialize(model=model, config=conf)
-        model.eval()
-    return OnlineTeacher(model)
-
 
 # ---- one optimizer step
 
@@ -567,62 +447,3 @@ def plain_grad_norm(engine) -> float:
 
     norms = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
-
-
-# ---- checkpoints
-
-
-def rng_states() -> dict[str, Any]:
-
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def set_rng_states(states: dict[str, Any]) -> None:
-
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-
-
-# ---- best model and export
-
-
-def consolidated_state_dict(engine) -> dict | None:
-    """The full student LM weights on rank 0 (gathered from the ZeRO-3 partitions; a collective call)."""
-    import torch.distributed as dist
-
-    if engine.zero_optimization_partition_weights():
-        full = engine._zero3_consolidated_16bit_state_dict()
-    else:
-        full = engine.module.state_dict() if dist.get_rank() == 0 else None
-    if full is None:
-        return None
-    # The engine wraps StudentWithLoss: its LM is the `model.` sub-module.
-    return {k.removeprefix("model."): v for k, v in full.items()}
-
-
-def prune_best_models(out_dir: Path, keep: int | None) -> None:
-    """Keep only the best model the restored/latest state points to (a crashed attempt may leave newer ones)."""
-    best = out_dir / "best"
-    if not best.exists():
-        return
-    for d in best.iterdir():
-        if keep is None or d.name != f"step-{keep:07d}":
-            shutil.rmtree(d, ignore_errors=True)
-
-
-def export_best_model(out_dir: Path, state: TrainState, tokenizer, variant: str) -> Path:
-    """Move the best model to ``<out>/model`` with the tokenizer and a provenance file."""
-    export = out_dir / "model"
-    src = out_dir / "best" / f"step-{state.best_step:07d}"
-    info_file = export / "leaf_ray_export.json"
-    if not src.exists():
-        if info_file.exists() and json.loads(info_file.read_text()).get("step") == state.best_step:
-            return export  # a rerun of a finished run: already exported
-        raise RuntimeError(f"best model for step {state.best_step} missing at {src}")
-    shutil.rmtree(export, ignore_errors=True)
-    src.rename(export)
-    tokenizer.save_pretrained(export)
-    info_file.write_text(json.dumps({"variant": variant, "step": state.best_step,
-                                     "val_loss": state.best_val_loss, "steps": state.step}, indent=2))
-    return export

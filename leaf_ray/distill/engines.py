@@ -1,0 +1,142 @@
+"""The DeepSpeed engines of distillation: the student wrapped with its loss, and the frozen teacher signal.
+
+:func:`build_student` is the trainable student (a client AdamW, warm-up + decay schedule, ZeRO 0–3) around
+:class:`StudentWithLoss`, the module that computes the hybrid KL (:mod:`leaf_ray.distill.loss`) inside the
+engine. :func:`build_teacher` is the frozen teacher: replicated, ZeRO-3 partitioned, or the offline top-k
+cache (:mod:`leaf_ray.distill.teacher`, :mod:`leaf_ray.distill.topk_cache`). Both are used by the recipe in
+:mod:`leaf_ray.distill.trainer` and by ``leaf-ray bench distill``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from leaf_ray.config import LeafConfig
+
+
+def deepspeed_config(cfg: LeafConfig, world: int, accum: int, *, zero_stage: int, precision: str,
+                     trains: bool = True) -> dict[str, Any]:
+    dcfg, ds = cfg.distill, cfg.distill.deepspeed
+    zero: dict[str, Any] = {"stage": zero_stage}
+    if trains and ds.offload_optimizer and zero_stage >= 1:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if ds.offload_param and zero_stage == 3:
+        zero["offload_param"] = {"device": "cpu"}
+    conf: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": dcfg.micro_batch_size,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": dcfg.micro_batch_size * accum * world,
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if trains:
+        conf.update({"gradient_clipping": dcfg.max_grad_norm,
+                     # a client torch AdamW: nothing is JIT-compiled (DeepSpeed's own CPU Adam would be)
+                     "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False})
+    if precision == "bf16":
+        conf["bf16"] = {"enabled": True}
+    elif precision == "fp16":
+        conf["fp16"] = {"enabled": True}
+    return conf
+
+
+class StudentWithLoss(torch.nn.Module):
+    """The student LM and the hybrid KL as one module: DeepSpeed's engine wraps the whole loss computation
+    (its backward hooks then sit on the loss itself).
+
+    ``chunked_head``: the student's logits are built per chunk of target positions from the final hidden states
+    and the LM head (:func:`hybrid_kl_from_hidden`), so no ``[B, T, V]`` logits tensor exists. Otherwise (ZeRO-3,
+    whose LM head is partitioned; heads with soft-capping or scaling) the model's own logits are used.
+    ``n_tokens``: the tokenizer's length; vocabulary rows past it are padding and are cut from the logits.
+    """
+
+    def __init__(self, model, dcfg, chunked_head: bool, n_tokens: int | None = None):
+        super().__init__()
+        self.model = model
+        self.chunked_head = chunked_head
+        self.n_tokens = n_tokens
+        self.loss_kwargs = dict(lambda_=dcfg.lambda_, temperature=dcfg.temperature, weighting=dcfg.weighting,
+                                chunk_size=dcfg.chunk_size)
+
+    def forward(self, input_ids, attention_mask, target_mask, is_counterfactual, teacher) -> dict:
+        from leaf_ray.distill.loss import hybrid_kl_from_hidden, hybrid_kl_loss
+
+        if self.chunked_head:
+            hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                              use_cache=False).last_hidden_state
+            head, n = self.model.get_output_embeddings(), self.n_tokens
+            kl = hybrid_kl_from_hidden(hidden, head.weight[:n], teacher, target_mask, is_counterfactual,
+                                       lm_head_bias=None if head.bias is None else head.bias[:n],
+                                       **self.loss_kwargs)
+        else:
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            kl = hybrid_kl_loss(logits[..., :self.n_tokens], teacher, target_mask, is_counterfactual,
+                                **self.loss_kwargs)
+        return dict(vars(kl))  # a dict: DeepSpeed hooks the tensors of dicts/tuples, not of dataclasses
+
+
+def can_chunk_head(model, zero_stage: int) -> bool:
+    """Plain linear LM heads whose weight is whole on every rank (not ZeRO-3)."""
+    cfg = model.config
+    capped = getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (None, 1.0)
+    return zero_stage < 3 and not capped and isinstance(model.get_output_embeddings(), torch.nn.Linear)
+
+
+def build_student(cfg: LeafConfig, world: int, accum: int, total_steps: int, *, with_loss: bool = True):
+    """The student as a DeepSpeed engine with a client AdamW and a warm-up + decay LR schedule.
+
+    ``with_loss``: the engine wraps :class:`StudentWithLoss` (the trainer); else the bare LM (benchmarks)."""
+    from leaf_ray.distill.ds_ops import import_deepspeed
+
+    deepspeed = import_deepspeed()
+    from transformers import get_scheduler
+
+    from leaf_ray.models import compute_precision, load_model, load_tokenizer
+
+    dcfg = cfg.distill
+    model = load_model(cfg.models.student, dtype="float32")
+    model.config.use_cache = False
+    if with_loss:
+        chunked = dcfg.chunked_lm_head and can_chunk_head(model, dcfg.deepspeed.zero_stage)
+        model = StudentWithLoss(model, dcfg, chunked_head=chunked,
+                                n_tokens=len(load_tokenizer(cfg.models.student)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=dcfg.lr, weight_decay=dcfg.weight_decay)
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[dcfg.scheduler]
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=dcfg.warmup_steps, num_training_steps=total_steps)
+    precision = compute_precision(dcfg.deepspeed.precision, on_cpu=not torch.cuda.is_available(),
+                                  force=cfg.models.student.force_dtype)
+    conf = deepspeed_config(cfg, world, accum, zero_stage=dcfg.deepspeed.zero_stage, precision=precision)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=conf)
+    engine.train()
+    return engine
+
+
+def build_teacher(cfg: LeafConfig, world: int, accum: int, device):
+    """The frozen teacher signal: replicated module, ZeRO-3 partitioned module, or the offline top-k cache."""
+    from leaf_ray.distill.ds_ops import import_deepspeed
+    from leaf_ray.distill.teacher import OnlineTeacher, TargetLogitsTeacher
+    from leaf_ray.models import load_model
+
+    mode = cfg.distill.teacher_mode
+    if mode == "topk_cache":
+        from leaf_ray.distill.topk_cache import cache_dir_for, load_topk_teacher
+
+        return load_topk_teacher(cache_dir_for(cfg))
+    model = load_model(cfg.models.teacher)
+    model.requires_grad_(False)
+    model.eval()
+    if mode == "replicated":
+        model.to(device)
+        if can_chunk_head(model, zero_stage=0):
+            return TargetLogitsTeacher(model)
+    else:
+        # the dtype load_model settled on (float32 on a CPU without native bf16)
+        loaded = str(next(model.parameters()).dtype).removeprefix("torch.")
+        precision = {"bfloat16": "bf16", "float16": "fp16"}.get(loaded, "fp32")
+        conf = deepspeed_config(cfg, world, accum, zero_stage=3, precision=precision, trains=False)
+        model, _, _, _ = import_deepspeed().initialize(model=model, config=conf)
+        model.eval()
+    return OnlineTeacher(model)
