@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import random
 import re
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +14,7 @@ from leaf_ray.analysis.detection_quality import (PRF, confusion, detection_quali
 from leaf_ray.bench.focus_task import (DISTRACTOR_TEMPLATES, clean_view, make_problem, make_split, make_task,
                                        write_gsm8k_jsonl)
 
+REPO = Path(__file__).resolve().parents[1]
 DISTRACTOR_RES = [re.compile("^" + re.escape(t).replace(r"\{other\}", "[A-Z][a-z]+").replace(r"\{n\}", r"\d+")
                              .replace(r"\{obj2\}", "[a-z]+") + "$") for t in DISTRACTOR_TEMPLATES]
 
@@ -173,6 +176,24 @@ def test_prepare_smoke_models_load_back_and_generate(tmp_path):
     assert len(out) == 1 and isinstance(out[0], str)
     again = prepare_models(cfg.bench.focus, tmp_path / "models")
     assert again.cached and again.info == info
+
+
+def test_the_shipped_demo_models_are_the_demo_recipe_and_are_taken_whole(tmp_path):
+    """`make demo` starts from the shipped prepared models: they must be the ones configs/demo.yaml asks for
+    (else the demo would silently train others), and they are copied whole into the run directory."""
+    from leaf_ray.bench.focus_prepare import SHIPPED_DIR, prepare_key, prepare_models
+    from leaf_ray.config import ModelRef, load_config
+    from leaf_ray.models import load_model
+
+    focus = load_config(REPO / "configs" / "demo.yaml").bench.focus
+    info = json.loads((SHIPPED_DIR / "prepare.json").read_text())
+    assert info["key"] == prepare_key(focus)
+    assert info["teacher"]["accuracy_distractors"] > info["student"]["accuracy_distractors"]
+    prepared = prepare_models(focus, tmp_path / "models")  # would train for minutes if it did not copy
+    assert prepared.cached and prepared.info == info
+    assert not (tmp_path / "models.tmp").exists()
+    model = load_model(ModelRef(path=str(prepared.teacher)))
+    assert sum(p.numel() for p in model.parameters()) == info["teacher"]["parameters"]
 
 
 def test_bench_config_points_the_stages_at_the_task(tmp_path):
