@@ -199,7 +199,7 @@ def evaluate(
         model_ref = ModelRef(path=model, dtype=cfg.models.student.dtype)
     try:
         result = run_evaluation(cfg, model_ref, label=label or default_label(cfg, model_ref.path),
-                                mlflow_run_id=run_id)
+                                mlflow_run_id=run_id, console=console)
     except (BenchmarkError, EvaluationError, GenerationError, ModelLoadError) as e:
         err_console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(1) from None

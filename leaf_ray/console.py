@@ -232,6 +232,58 @@ def disable() -> None:
     _state.update(enabled=False, path=None, handler=None, saved={})
 
 
+class FileProgress:
+    """``with FileProgress(path, label, console): work()``: one rich progress line that follows a JSON file
+    another process rewrites (``{"step", "total_steps", "loss", ...}``, e.g. rank 0 of a Ray Train run), polled
+    in a thread; no line when ``console`` is None."""
+
+    def __init__(self, path: Path, label: str, console, interval_s: float = 0.5):
+        self.path, self.label, self.console, self.interval_s = Path(path), label, console, interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self):
+        if self.console is not None:
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        return False
+
+    def _read(self) -> dict | None:
+        import json
+
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _run(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        with Progress(TextColumn(self.label, markup=False), BarColumn(bar_width=24), MofNCompleteColumn(),
+                      TextColumn("steps ETA"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                      console=self.console, transient=False) as progress:
+            task = None
+            while True:
+                stopping = self._stop.wait(self.interval_s)
+                state = self._read()
+                if state and state.get("total_steps"):
+                    if task is None:  # a resumed run starts at its checkpoint: ETA from the steps done here
+                        task = progress.add_task(self.label, total=state["total_steps"],
+                                                 completed=state["step"], info="")
+                    info = f"loss {state['loss']:.4f}" if state.get("loss") is not None else ""
+                    if state.get("val_loss") is not None:
+                        info += f"  best val {state['val_loss']:.4f}"
+                    progress.update(task, completed=state["step"], info=info)
+                if stopping:
+                    return
+
+
 def print_failure(console, error: BaseException, what: str = "the run") -> None:
     """The error of a failing stage, where the full traceback and Ray's output are (the log file)."""
     import traceback

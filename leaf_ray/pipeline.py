@@ -141,7 +141,7 @@ def run_pipeline(cfg: LeafConfig, console: Console | None = None) -> ChainResult
             def evaluate(label=label, ref=ref, run_id=run_id):
                 from leaf_ray.evaluate.runner import run_evaluation
 
-                return _as_dict(run_evaluation(cfg, ref, label=label, mlflow_run_id=run_id))
+                return _as_dict(run_evaluation(cfg, ref, label=label, mlflow_run_id=run_id, console=console))
 
             _run_stage(cfg, f"evaluate-{label}", evaluate, console, result)
         if cfg.tracking.enabled:

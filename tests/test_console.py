@@ -128,3 +128,36 @@ def test_ray_output_goes_to_the_run_log_not_the_terminal(tmp_path):
         assert marker not in terminal, (marker, terminal[-3000:])
         assert marker in log, (marker, log[-3000:])
     assert "Running Dataset" not in terminal and "Starting execution" not in terminal, terminal[-3000:]
+
+
+def test_file_progress_follows_the_json_file_another_process_rewrites(tmp_path):
+    """The distillation driver's progress line: rank 0 rewrites progress.json; the line shows its last state."""
+    import io
+    import json
+    import time
+
+    from leaf_ray.store import write_json_atomic
+
+    out = io.StringIO()
+    console = Console(file=out, width=120, force_terminal=False)
+    path = tmp_path / "progress.json"
+    with quiet.FileProgress(path, "distill [kd]", console, interval_s=0.05):
+        for step in range(1, 5):
+            write_json_atomic(path, {"step": step, "total_steps": 4, "loss": 1.0 / step, "val_loss": None})
+            time.sleep(0.15)
+        write_json_atomic(path, {"step": 4, "total_steps": 4, "loss": 0.25, "val_loss": 0.5})
+        time.sleep(0.15)
+    text = out.getvalue()
+    assert "distill [kd]" in text and "4/4" in text and "loss 0.2500" in text and "best val 0.5000" in text
+    assert json.loads(path.read_text())["step"] == 4
+    with quiet.FileProgress(tmp_path / "never-written.json", "distill [x]", None):
+        pass  # no console: no thread, no line
+
+
+def test_file_progress_without_a_file_prints_no_bar(tmp_path):
+    import io
+
+    out = io.StringIO()
+    with quiet.FileProgress(tmp_path / "missing.json", "distill [kd]", Console(file=out, width=100), interval_s=0.02):
+        pass
+    assert "steps" not in out.getvalue()

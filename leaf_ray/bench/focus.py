@@ -91,7 +91,7 @@ def run_focus_bench(cfg: LeafConfig, *, prepare: bool = False, console: "Console
     models_dir = root / "models"
     marker = models_dir / "prepare.json"
     if prepare:
-        console.rule("[bold]prepare: tiny teacher and student from scratch")
+        console.rule("[bold]prepare: the tiny teacher and student (trained from scratch once, then cached)")
         prepared = prepare_models(focus, models_dir, console=console)
         if prepared.cached:
             console.print(f"[dim]prepared models reused from {models_dir}[/dim]")
@@ -142,7 +142,7 @@ def run_focus_bench(cfg: LeafConfig, *, prepare: bool = False, console: "Console
     for variant, ref in (("teacher", base.models.teacher), ("pre_kd", base.models.student)):
         runs.add(Variant(variant, VARIANT_TITLES[variant], variant), stage(
             root, f"evaluate-{variant}", console, lambda variant=variant, ref=ref: evaluate_model(
-                base, ref, variant, None, attention_samples), seconds))
+                base, ref, variant, None, attention_samples, console), seconds))
 
     def train(k: int, variant: Variant) -> dict:
         return runs.add(variant, stage(root, f"seed-{k}-{variant.key}", console, lambda: distill_variant(
@@ -344,13 +344,13 @@ def measure_detection(cfg: LeafConfig, task_files: dict[str, Path], parent_id: s
 
 
 def evaluate_model(cfg: LeafConfig, ref: ModelRef, variant: str, run_id: str | None,
-                   attention_samples: list[dict]) -> dict:
+                   attention_samples: list[dict], console=None) -> dict:
     """Accuracy on both test benchmarks (`run_evaluation`, logged on `run_id` or a new run tagged `variant`)
     and the attention mass on the test distractors (logged on the same run)."""
     from leaf_ray.analysis.attention import measure_attention_of
     from leaf_ray.evaluate.runner import run_evaluation
 
-    evaluation = run_evaluation(cfg, ref, label=variant, mlflow_run_id=run_id)
+    evaluation = run_evaluation(cfg, ref, label=variant, mlflow_run_id=run_id, console=console)
     attention = measure_attention_of(ref.path, attention_samples).to_dict()
     if cfg.tracking.enabled and evaluation.run_id:
         from mlflow.tracking import MlflowClient
@@ -495,7 +495,7 @@ def distill_variant(base: LeafConfig, root: Path, k: int, variant: Variant, sour
                            ("mlflow.runName", f"seed-{k}-{variant.key}")):
             client.set_tag(result.mlflow_run_id, tag, value)
     info = evaluate_model(cfg, ModelRef(path=str(result.export_dir)), variant.key, result.mlflow_run_id,
-                          attention_samples)
+                          attention_samples, console)
     return {**info, "steps": result.steps, "train_rows": result.train_rows,
             "counterfactual_rows": result.counterfactual_rows, "run_id": result.mlflow_run_id}
 

@@ -121,7 +121,7 @@ def detection_cells(row: dict) -> list[str]:
 
 
 METHOD_HEAD = ["Method", "seeds", "test (distractors) %", "test (clean) %", "gap (clean − distr.)",
-               "attention on distractors", "steps", "PFLOPs"]
+               "attention on distractors", "steps", "TFLOPs"]
 DIFF_HEAD = ["Variant", "vs", "seeds × problems", "variant %", "KD %", "Δ (pp)", "95% CI (pp)"]
 
 
@@ -153,7 +153,7 @@ def method_rows(result: FocusBenchResult) -> list[list[str]]:
                      fmt(acc.get(TEST_CLEAN, [])), fmt(gaps),
                      fmt(masses, scale=1.0, digits=3) + (f" (uniform {uniform:.3f})" if uniform else ""),
                      "—" if not steps else "/".join(str(s) for s in sorted(set(steps))),
-                     "—" if not flops else f"{flops['total'] / 1e15:.3f}"])
+                     "—" if not flops else f"{flops['total'] / 1e12:.2f}"])
     return rows
 
 
@@ -186,7 +186,7 @@ def print_tables(console: "Console", result: FocusBenchResult) -> None:
     console.print(table)
     table = Table(title="Method quality: student accuracy on the held-out test split (greedy), attention mass",
                   caption="mean ± std over seeds; attention = mean mass from response positions onto distractor "
-                          "tokens (teacher-forced, mean over layers and heads); PFLOPs = distillation (student "
+                          "tokens (teacher-forced, mean over layers and heads); TFLOPs = distillation (student "
                           "training + teacher forward on every row) + Stage 1 saliency, where counted")
     for head in METHOD_HEAD:
         table.add_column(head, justify="left" if head == "Method" else "right")
@@ -288,7 +288,7 @@ lr {cfg.distill.lr}, λ = {cfg.distill.lambda_} unless named. Attention = mean a
 from the response positions onto the distractor tokens of {focus.attention_samples} test problems
 (teacher-forced reference solution, mean over layers and heads, summed over the distractor columns; uniform =
 the mass if attention were spread evenly). Steps = optimizer steps. KD controls ("KD w/o mask, N steps") are KD
-run for N steps: steps-matched to a LeaF variant, or compute-matched (PFLOPs: student training + the
+run for N steps: steps-matched to a LeaF variant, or compute-matched (TFLOPs: student training + the
 teacher's forward on every row, counterfactuals included{", + Stage 1 saliency of both models" if
 focus.count_detection_flops else ""}; `leaf_ray/bench/focus_controls.py`).
 

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from leaf_ray.config import LeafConfig
+from leaf_ray.console import FileProgress
 from leaf_ray.distill.data import VARIANT_SCOPES, DistillDataError, load_rows
 from leaf_ray.distill.trainer import accumulation_steps, train_worker
 from leaf_ray.store import RunDir, check_same_spec, digest, exclusive_lock, write_json_atomic
@@ -71,10 +72,11 @@ def run_distillation(cfg: LeafConfig, *, variant: str | None = None, console=Non
     with exclusive_lock(lock, lambda: DistillDataError(
             f"{out_dir}: another distillation run is writing here (it holds {lock}); wait for it to finish "
             "or stop it")):
-        return _distill_locked(cfg, variant, out_dir, say, parent_run_id)
+        return _distill_locked(cfg, variant, out_dir, say, parent_run_id, console)
 
 
-def _distill_locked(cfg: LeafConfig, variant: str, out_dir: Path, say, parent_run_id: str | None) -> DistillResult:
+def _distill_locked(cfg: LeafConfig, variant: str, out_dir: Path, say, parent_run_id: str | None,
+                    console=None) -> DistillResult:
     """`run_distillation` under the output directory's lock."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -168,7 +170,8 @@ def _distill_locked(cfg: LeafConfig, variant: str, out_dir: Path, say, parent_ru
                              checkpoint_config=CheckpointConfig(num_to_keep=dcfg.keep_checkpoints)),
     )
     try:
-        trainer.fit()
+        with FileProgress(out_dir / "progress.json", f"distill [{variant}]", console):
+            trainer.fit()
     except Exception:
         end_stage_run(tracking, status="FAILED")
         raise

@@ -241,6 +241,7 @@ class DistillRecipe:
                     state.step_in_epoch = 0
                 if self.logger:
                     self.logger.log(metrics, state.step)
+                    self.write_progress(metrics)
                 if state.step % dcfg.checkpoint_every_steps == 0 or validate_now or last:
                     self.save_checkpoint(metrics)
                     if self.world.rank == 0:
@@ -252,6 +253,14 @@ class DistillRecipe:
                     raise RuntimeError(f"distill.fail_at_step={dcfg.fail_at_step}: injected crash (first attempt)")
                 if last:
                     break
+
+    def write_progress(self, metrics: dict[str, float]) -> None:
+        """Rank 0's position for the driver's progress line (`<out>/progress.json`, replaced atomically)."""
+        from leaf_ray.store import write_json_atomic
+
+        write_json_atomic(self.out_dir / "progress.json", {
+            "step": self.state.step, "total_steps": self.total_steps, "loss": metrics.get("loss"),
+            "val_loss": self.state.best_val_loss, "tokens_per_s": metrics.get("tokens_per_s")})
 
     def micro_batch(self, rows: TokenizedRows, indices):
         """The collated rows of one slot of the plan; a zero-weight padding batch where this rank has none."""

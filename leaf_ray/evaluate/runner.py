@@ -146,7 +146,7 @@ def _check_names(benchmarks: list[BenchmarkRef], label: str) -> None:
 
 
 def run_evaluation(cfg: LeafConfig, model_ref: ModelRef, *, label: str,
-                   mlflow_run_id: str | None = None) -> EvalResult:
+                   mlflow_run_id: str | None = None, console=None) -> EvalResult:
     """Evaluate `model_ref` on `cfg.evaluation.benchmarks` (steps in the module docstring)."""
     import pyarrow.parquet as pq
 
@@ -163,7 +163,7 @@ def run_evaluation(cfg: LeafConfig, model_ref: ModelRef, *, label: str,
         loaded.append((bench, records, [instruction_for(r, evaluation) for r in records]))
 
     all_instructions = [ins for _, _, instructions in loaded for ins in instructions]
-    all_completions = generate_rows(cfg, model_ref, all_instructions)
+    all_completions = generate_rows(cfg, model_ref, all_instructions, console=console, label=f"evaluate [{label}]")
 
     out_dir = RunDir.of(cfg).eval(label)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -62,8 +62,9 @@ def generate_dataset(cfg: LeafConfig, model_ref: ModelRef, ds: ray.data.Dataset,
 
 
 def generate_rows(cfg: LeafConfig, model_ref: ModelRef, prompts: list[str],
-                  prefixes: list[str] | None = None) -> list[str]:
-    """Completions for a Python list of instructions, in input order (through the actor pool)."""
+                  prefixes: list[str] | None = None, console=None, label: str = "generate") -> list[str]:
+    """Completions for a Python list of instructions, in input order (through the actor pool); with a
+    `console`, one progress line (rows/s, ETA) while they stream in."""
     import ray.data
 
     from leaf_ray.raycluster import init_ray
@@ -75,7 +76,18 @@ def generate_rows(cfg: LeafConfig, model_ref: ModelRef, prompts: list[str],
              for i, p in enumerate(prompts)]
     ds = generate_dataset(cfg, model_ref, ray.data.from_items(items), "prompt", "completion",
                           prefix_col="prefix" if prefixes else None)
-    rows = sorted(ds.select_columns(["gen_index", "completion"]).take_all(), key=lambda r: r["gen_index"])
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    rows = []
+    with Progress(TextColumn(label, markup=False), BarColumn(bar_width=24), MofNCompleteColumn(),
+                  TextColumn("{task.fields[rate]} rows/s ETA"), TimeRemainingColumn(), console=console,
+                  disable=console is None) as progress:
+        task = progress.add_task(label, total=len(items), rate="0.00")
+        for row in ds.select_columns(["gen_index", "completion"]).iter_rows():
+            rows.append(row)
+            elapsed = progress.tasks[0].elapsed or 0.0
+            progress.update(task, advance=1, rate=f"{len(rows) / elapsed:.2f}" if elapsed else "0.00")
+    rows.sort(key=lambda r: r["gen_index"])
     return [r["completion"] for r in rows]
 
 
