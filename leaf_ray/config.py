@@ -239,6 +239,10 @@ class DetectionConfig(_Section):
     units_per_part: int = Field(
         64, ge=1, description="Units (sample x scope) per streamed block and committed Parquet part: the resume "
         "granularity (a killed run redoes only the parts in flight).")
+    inline_max_samples: int = Field(
+        64, ge=0, description="A job of at most this many samples (without selection, verification or a "
+        "sharded teacher) runs in the calling process with the same stage functions and commits, no Ray: a "
+        "small job then costs what a plain script does. 0 = always the Ray Data stream.")
 
 
 # --------------------------------------------------------------------------- distillation (Stage 2)

@@ -64,6 +64,9 @@ def cfg_factory(tmp_path, tiny_pair):
             "models": {"teacher": {"path": tiny_pair["teacher"]}, "student": {"path": tiny_pair["student"]},
                        "make_tiny_if_missing": False},
             "ray": {"num_cpus": 2},
+            # the Ray Data stream (actor pools) even for these small inputs; the inline small-job path has
+            # its own test (test_detect_pipeline.py) comparing it with the stream
+            "detection": {"inline_max_samples": 0},
         }
         for k, v in sections.items():
             tree.setdefault(k, {}).update(v)

@@ -325,3 +325,40 @@ def test_killed_run_resumes_without_losing_or_duplicating_a_unit(ray_local, cfg_
     assert len(keys) == len(set(keys))
     assert Counter(c["sample_id"] for c in cfs) == Counter(
         {s["sample_id"]: len(s["spans"]) for s in scores if s["spans"]})
+
+
+def test_a_small_job_runs_inline_and_writes_what_the_stream_writes(ray_local, cfg_factory, monkeypatch):
+    """detection.inline_max_samples: the same units, scores, counterfactuals and quarantine as the Ray Data
+    stream, committed as parts (resumable), without starting an actor; a bigger job takes the stream."""
+    import ray
+
+    rows = clean_rows(10)
+    sections = {**POOLS, "response": {"enabled": True}, "units_per_part": 4}
+    stream_cfg = cfg_factory(run={"name": "stream"}, detection=sections)
+    inline_cfg = cfg_factory(run={"name": "inline"}, detection={**sections, "inline_max_samples": 64})
+    for cfg in (stream_cfg, inline_cfg):
+        write_clean(cfg, rows)
+    run_detection(stream_cfg)
+
+    def no_ray(*_a, **_k):
+        raise AssertionError("the inline path must not start Ray work")
+
+    monkeypatch.setattr(ray.data, "read_parquet", no_ray)
+    report = run_detection(inline_cfg)
+    monkeypatch.undo()
+    assert report.units_this_run == report.scores + report.quarantined
+    key = lambda r: (r["sample_id"], r["scope"], r.get("span_index", 0))  # noqa: E731
+    for name in ("scores", "counterfactuals", "quarantine"):
+        want = sorted(read_dir(getattr(DetectPaths.of(stream_cfg), name)), key=key)
+        got = sorted(read_dir(getattr(DetectPaths.of(inline_cfg), name)), key=key)
+        assert [key(r) for r in got] == [key(r) for r in want], name
+        for a, b in zip(got, want):
+            for col, value in b.items():
+                if col in ("student_grad_norm", "teacher_grad_norm", "delta"):
+                    assert a[col] == pytest.approx(value, rel=1e-4, abs=1e-6), (name, col, key(b))
+                elif col not in ("student_loss", "teacher_loss", "tau"):
+                    assert a[col] == value, (name, col, key(b))
+    parts = list(DetectPaths.of(inline_cfg).scores.glob("*.parquet"))
+    assert len(parts) >= 2  # committed a part per units_per_part block, the resume granularity
+    again = run_detection(inline_cfg)  # finished: nothing scored again
+    assert again.units_this_run == 0

@@ -17,6 +17,10 @@ With ``detection.selection`` the stream reads only the samples the teacher answe
 does not, judged before scoring; with ``detection.verification`` a post-pass after the last commit keeps the
 counterfactuals the student answers correctly. Both run on the generation backend: ``selection.py``.
 
+A small job (at most ``detection.inline_max_samples`` samples, no selection, verification or sharded teacher)
+runs the same chain in the calling process (``stages.inline_commits``: the same functions, scorers, parts and
+commits, no Ray): starting Ray and two actor processes would cost several times the work itself.
+
 Resuming after a kill: every block reaching the last stage is committed as one *part*: its counterfactuals and
 quarantine files are renamed into place first, its scores file last (the commit point; a part with no scores
 row still gets an empty scores file). At start, leftovers of an interrupted commit (``_tmp/`` and parts
@@ -51,6 +55,7 @@ from leaf_ray.detect.stages import (
     commit_part,
     committed_units,
     drain_with_progress,
+    inline_commits,
     plan_units,
     ray_progress_bars_off,
     recover_interrupted_commits,
@@ -164,16 +169,27 @@ def run_detection(cfg: LeafConfig, *, console: Console | None = None) -> DetectR
                     f"{paths.selection}")
         # The manifest is written last: without it the run is unfinished. A run killed after the last unit
         # (e.g. during verification) starts no saliency pool again.
-        if not paths.manifest.exists() and not all_units_committed(cfg, clean_files, target_ids, done):
+        inline = (0 < len(target_ids) <= det.inline_max_samples and not det.selection and not det.verification
+                  and det.teacher_pool.mode != "sharded")
+        if inline and not paths.manifest.exists():  # a small job: the same stages in this process, no Ray
+            samples = pq.read_table(clean_files, columns=CLEAN_COLUMNS)
+            scorers = [SaliencyScorer(role, getattr(cfg.models, role).model_dump(), **scorer_kwargs(
+                cfg, role, same_tokenizer)) for role in ("student", "teacher")]
+            commits = inline_commits(
+                samples, scorers=scorers, pool_batch_sizes=[det.student_pool.batch_size,
+                                                            det.teacher_pool.batch_size],
+                tokenise=tokenise_kwargs(cfg, done), units_per_part=det.units_per_part,
+                prune={"threshold": det.threshold, "pruning": det.pruning},
+                commit={"root": str(paths.root), "counterfactuals_dir": stream_cf_dir.name})
+            scored_now = drain_with_progress(commits, estimate_units(cfg, len(target_ids), len(done)), console)
+        elif not paths.manifest.exists() and not all_units_committed(cfg, clean_files, target_ids, done):
             init_ray(cfg)
             check_local_resources(cfg, ray.cluster_resources())
             samples = ray.data.read_parquet(clean_files, columns=CLEAN_COLUMNS)
             if det.selection:
                 samples = samples.map_batches(keep_rows, batch_format="pyarrow",
                                               fn_kwargs={"sample_ids": target_ids})
-            units = samples.map_batches(tokenise_units, batch_format="pyarrow", fn_kwargs={
-                "student": cfg.models.student.model_dump(), "instruction_level": det.instruction_level,
-                "response": det.response.model_dump(), "done": done})
+            units = samples.map_batches(tokenise_units, batch_format="pyarrow", fn_kwargs=tokenise_kwargs(cfg, done))
             # Small blocks stream: the teacher starts while the student works, and each block is one part.
             units = units.repartition(target_num_rows_per_block=det.units_per_part)
             gang_tag = new_gang_tag()
@@ -184,11 +200,8 @@ def run_detection(cfg: LeafConfig, *, console: Console | None = None) -> DetectR
                                               **pool.map_batches_kwargs())
                     continue
                 units = units.map_batches(SaliencyScorer, batch_format="pyarrow", fn_constructor_kwargs={
-                    "role": role, "model": getattr(cfg.models, role).model_dump(), "dtype": det.dtype,
-                    "gradient_checkpointing": det.gradient_checkpointing, "num_gpus": pool.num_gpus,
-                    "max_memory_per_gpu": pool.max_memory_per_gpu,
-                    "own_tokenizer": role == "teacher" and not same_tokenizer, "max_padding": det.max_padding},
-                    **pool.map_batches_kwargs())
+                    "role": role, "model": getattr(cfg.models, role).model_dump(),
+                    **scorer_kwargs(cfg, role, same_tokenizer)}, **pool.map_batches_kwargs())
             results = units.map_batches(score_and_prune, batch_format="pyarrow",
                                         fn_kwargs={"threshold": det.threshold, "pruning": det.pruning})
             commits = results.map_batches(commit_part, batch_format="pyarrow", fn_kwargs={
@@ -211,6 +224,21 @@ def run_detection(cfg: LeafConfig, *, console: Console | None = None) -> DetectR
                                  f"{sorted(missing)[:5]}")
         write_manifest(cfg, paths, report, clean_files, same_tokenizer)
     return report
+
+
+def tokenise_kwargs(cfg: LeafConfig, done: frozenset) -> dict[str, Any]:
+    det = cfg.detection
+    return {"student": cfg.models.student.model_dump(), "instruction_level": det.instruction_level,
+            "response": det.response.model_dump(), "done": done}
+
+
+def scorer_kwargs(cfg: LeafConfig, role: str, same_tokenizer: bool) -> dict[str, Any]:
+    """`SaliencyScorer`'s settings for `role` (besides the role and its model), the same on both paths."""
+    det = cfg.detection
+    pool = getattr(det, f"{role}_pool")
+    return {"dtype": det.dtype, "gradient_checkpointing": det.gradient_checkpointing, "num_gpus": pool.num_gpus,
+            "max_memory_per_gpu": pool.max_memory_per_gpu, "own_tokenizer": role == "teacher" and not same_tokenizer,
+            "max_padding": det.max_padding}
 
 
 # --------------------------------------------------------------------------- before anything runs

@@ -294,6 +294,19 @@ def commit_part(batch: pa.Table, *, root: str, counterfactuals_dir: str = "count
     return pa.table({k: pa.array([v], pa.int64()) for k, v in summary.items()})
 
 
+def inline_commits(samples: pa.Table, *, scorers: list, pool_batch_sizes: list[int], tokenise: dict,
+                   units_per_part: int, prune: dict, commit: dict):
+    """The stream of the Ray path, in this process: tokenise, then per block of `units_per_part` units each
+    scorer in batches of its pool's size, `score_and_prune`, `commit_part`; yields each commit's summary row."""
+    units = tokenise_units(samples, **tokenise)
+    for start in range(0, units.num_rows, units_per_part):
+        block = units.slice(start, units_per_part)
+        for scorer, batch_size in zip(scorers, pool_batch_sizes):
+            block = pa.concat_tables([scorer(block.slice(i, batch_size))
+                                      for i in range(0, block.num_rows, batch_size)])
+        yield commit_part(score_and_prune(block, **prune), **commit).to_pylist()[0]
+
+
 # --------------------------------------------------------------------------- resume bookkeeping
 
 
@@ -340,10 +353,11 @@ def check_local_resources(cfg: LeafConfig, cluster: dict[str, float], pools: dic
             "lower their num_cpus, num_gpus or min_actors, or raise ray.num_cpus")
 
 
-def drain_with_progress(commits: ray.data.Dataset, estimated_units: int, console: Console | None, *,
+def drain_with_progress(commits, estimated_units: int, console: Console | None, *,
                         label: str = "detect", info=None) -> int:
-    """Run the pipeline to the end, showing committed units per second and the ETA; returns the units.
-    `info(totals)` is the text after the bar (default: counterfactuals and quarantined so far)."""
+    """Run the pipeline (a Ray dataset of `commit_part` rows, or any iterable of them) to the end, showing
+    committed units per second and the ETA; returns the units. `info(totals)` is the text after the bar
+    (default: counterfactuals and quarantined so far)."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -367,7 +381,7 @@ def drain_with_progress(commits: ray.data.Dataset, estimated_units: int, console
                   TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
                   console=console, disable=console is None) as progress:
         task = progress.add_task(label, total=estimated_units, info="")
-        for part in commits.iter_rows():
+        for part in commits.iter_rows() if hasattr(commits, "iter_rows") else commits:
             totals.update(part)
             progress.update(task, advance=part["units"], total=max(estimated_units, totals["units"]),
                             info=info(totals))
