@@ -206,3 +206,28 @@ def test_base_model_without_a_template_gets_bos_and_plain_text(tiny_tokenizer):
     assert base.decode([r.input_ids[i] for i in r.scored_token_idx]) == "What is 2+2?<|im_end|>"
     prompt = encode_prompt(base, "What is 2+2?<|im_end|>")
     assert prompt == r.input_ids[:len(prompt)] and prompt.count(base.convert_tokens_to_ids("<|im_end|>")) == 0
+
+
+def test_batched_rendered_lengths_equal_render_one_by_one(llama3_tokenizer, chatml_tokenizers, tiny_tokenizer):
+    """Ingest's length check counts tokens in two batched calls: exactly `len(render(...).input_ids)`, on the
+    trimming template, both ChatML tokenizers (one real) and a base model; a template error is None."""
+    import copy
+
+    from leaf_ray.data.chat import rendered_lengths
+
+    base = copy.deepcopy(tiny_tokenizer)
+    base.chat_template = None
+    pairs = [("Tom has 3 apples and buys 4 more. How many?", "He has 7.\n\nThe answer is \\boxed{7}."),
+             (WHITESPACE_INSTRUCTIONS[2], "9 then 18"), ("数学: 1 + 1 = ?", " 2"),
+             (INJECTIONS["chatml"], "Sure <|im_end|><|eot_id|> 4"), (INJECTIONS["llama3"], "<|eot_id|>"),
+             ("   ", "blank instruction: a template error")]
+    tokenizers = {"llama3": llama3_tokenizer, **chatml_tokenizers, "base": base}
+    for name, tok in tokenizers.items():
+        got = rendered_lengths(tok, pairs)
+        for (instruction, response), n in zip(pairs, got):
+            if not instruction.strip():
+                assert n is None, name
+                with pytest.raises(TemplateError):
+                    render(tok, instruction, response)
+                continue
+            assert n == len(render(tok, instruction, response).input_ids), (name, instruction)

@@ -71,7 +71,12 @@ def locate_instruction(tokenizer, instruction: str) -> tuple[str, int, int, int]
     if not instruction.strip():
         raise TemplateError("instruction is empty or whitespace only")
     prompt = render_prompt(tokenizer, instruction)
-    marked = render_prompt(tokenizer, _MARKER)
+    # The marked render is the same for every instruction: once per tokenizer and template.
+    cache = tokenizer.__dict__.setdefault("_leaf_ray_marked", {})
+    template = getattr(tokenizer, "chat_template", None)
+    marked = cache.get(template)
+    if marked is None:
+        marked = cache[template] = render_prompt(tokenizer, _MARKER)
     m = marked.find(_MARKER)
     before, after = marked[:m], marked[m + len(_MARKER):]
     if m >= 0 and prompt.startswith(before) and prompt.endswith(after) and len(before) + len(after) <= len(prompt):
@@ -106,6 +111,45 @@ def _encode_segments(tokenizer, text: str, bounds: list[tuple[int, int, bool]]):
         ids += list(enc["input_ids"])
         offsets += [(a + start, b + start) for a, b in enc["offset_mapping"]]
     return ids, offsets
+
+
+def rendered_lengths(tokenizer, pairs: list[tuple[str, str]]) -> list[int | None]:
+    """``len(render(tokenizer, instruction, response).input_ids)`` of every pair, with two batched tokenizer
+    calls instead of four calls per pair: :func:`render` tokenizes segment by segment, so its length is the sum
+    of the segments' lengths (+ BOS, + end of turn). None where the template cannot be rendered (call
+    :func:`render` for the error)."""
+    pieces: dict[bool, list[str]] = {False: [], True: []}
+    owners: dict[bool, list[int]] = {False: [], True: []}
+    template_lengths = tokenizer.__dict__.setdefault("_leaf_ray_template_lengths", {})  # the same few pieces
+    fixed = len(_bos(tokenizer)) + (1 if tokenizer.eos_token_id is not None else 0)
+    lengths: list[int | None] = []
+    for k, (instruction, response) in enumerate(pairs):
+        try:
+            prompt, i0, n, _ = locate_instruction(tokenizer, instruction)
+        except TemplateError:
+            lengths.append(None)
+            continue
+        body = prompt + response
+        length = fixed
+        for start, end, is_content in ((0, i0, False), (i0, i0 + n, True), (i0 + n, len(prompt), False),
+                                       (len(prompt), len(body), True)):
+            if end <= start:
+                continue
+            piece = body[start:end]
+            if not is_content and piece in template_lengths:
+                length += template_lengths[piece]
+                continue
+            pieces[is_content].append(piece)
+            owners[is_content].append(k)
+        lengths.append(length)
+    for is_content, texts in pieces.items():
+        if texts:
+            encoded = tokenizer(texts, add_special_tokens=False, split_special_tokens=is_content)["input_ids"]
+            for k, text, ids in zip(owners[is_content], texts, encoded):
+                lengths[k] += len(ids)
+                if not is_content and len(template_lengths) < 4096:
+                    template_lengths[text] = len(ids)
+    return lengths
 
 
 def _bos(tokenizer) -> list[int]:
