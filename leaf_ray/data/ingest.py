@@ -323,10 +323,8 @@ def run_ingest(cfg: LeafConfig) -> IngestReport:
             .map_batches(read_files, batch_size=1, batch_format="pyarrow",
                          fn_kwargs={"fields": cfg.data.fields, "seed": cfg.run.seed,
                                     "validation_fraction": cfg.data.validation_fraction})
-            # A streaming repartition ends the fused read task: one large file's blocks are then checked by
-            # tasks on every CPU while it is read (the check is ~6x slower than the read). Batches of 1024:
-            # one batched tokenizer call each.
-            .repartition(target_num_rows_per_block=1024)
+            # Batches of 1024 (read_files' block size): one batched tokenizer call each. Fused into the read
+            # task; a streaming repartition to spread one big file over the CPUs measured slower here.
             .map_batches(_check_length, batch_size=1024, batch_format="pyarrow",
                          fn_kwargs={"model_ref_json": student.model_dump_json(), "max_length": cfg.data.max_length,
                                     "truncate": cfg.data.on_too_long == "truncate"})
