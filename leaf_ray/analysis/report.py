@@ -78,8 +78,10 @@ def focus_result(root: Path):
     quality = _marker(root, "detection-quality")
     if not accuracy and quality is None:
         return None, {}
+    extra = json.loads((root / "results.json").read_text()) if (root / "results.json").is_file() else {}
     result = FocusBenchResult(detection=(quality or {}).get("rows", []), accuracy=accuracy, attention=attention,
-                              steps=steps)
+                              steps=steps, titles={k: v for k, v in extra.get("titles", {}).items() if k in accuracy},
+                              flops=extra.get("flops", {}))
     return result, run_ids
 
 

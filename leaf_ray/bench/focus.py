@@ -57,7 +57,7 @@ from leaf_ray.bench.focus_results import (
     write_report,
 )
 from leaf_ray.config import BenchmarkRef, LeafConfig, ModelRef
-from leaf_ray.store import RunDir, parquet_files
+from leaf_ray.store import RunDir, parquet_files, write_json_atomic
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -195,6 +195,9 @@ def run_focus_bench(cfg: LeafConfig, *, prepare: bool = False, console: "Console
 
     # 7. tables + report
     result = runs.result(detection, seconds)
+    # What the stage markers do not hold, for `leaf-ray report`: table titles and FLOP totals per variant.
+    write_json_atomic(root / "results.json", {
+        "titles": result.titles, "flops": {k: {"total": v["total"]} for k, v in result.flops.items()}})
     print_tables(console, result)
     log_summary(base, parent_id, result)
     command = command or "leaf-ray " + " ".join(shlex.quote(a) for a in sys.argv[1:])

@@ -32,7 +32,6 @@ from leaf_ray.raycluster import cached_tokenizer
 from leaf_ray.store import DetectPaths, commit_parts, drop_uncommitted_parts, read_parquet_dir
 
 if TYPE_CHECKING:
-    import ray.data
     from rich.console import Console
 
 
