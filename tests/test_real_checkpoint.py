@@ -59,8 +59,8 @@ def test_chunked_lm_head_with_tied_weights_and_cut_vocab_equals_full_logits(smol
     import copy
 
     from leaf_ray.data.chat import render
-    from leaf_ray.distill.loss import hybrid_kl_loss
     from leaf_ray.distill.engines import StudentWithLoss
+    from leaf_ray.distill.loss import hybrid_kl_loss
 
     model, tok = smol
     dcfg = SimpleDistill()

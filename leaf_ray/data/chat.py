@@ -98,6 +98,12 @@ def locate_instruction(tokenizer, instruction: str) -> tuple[str, int, int, int]
     return prompt, inserted_at, len(inserted), origin
 
 
+def _segments(i0: int, n: int, prompt_end: int, end: int) -> list[tuple[int, int, bool]]:
+    """The pieces of a rendered text, (start, end, is_content): template text, the instruction (content),
+    the rest of the prompt's template text, then everything after the prompt (response prefix + response)."""
+    return [(0, i0, False), (i0, i0 + n, True), (i0 + n, prompt_end, False), (prompt_end, end, True)]
+
+
 def _encode_segments(tokenizer, text: str, bounds: list[tuple[int, int, bool]]):
     """Tokenize `text` piece by piece: `bounds` = [(start, end, is_content)], tiling `text`. Content pieces
     are tokenized as plain text (control-token text stays text); template pieces parse their control tokens."""
@@ -131,8 +137,7 @@ def rendered_lengths(tokenizer, pairs: list[tuple[str, str]]) -> list[int | None
             continue
         body = prompt + response
         length = fixed
-        for start, end, is_content in ((0, i0, False), (i0, i0 + n, True), (i0 + n, len(prompt), False),
-                                       (len(prompt), len(body), True)):
+        for start, end, is_content in _segments(i0, n, len(prompt), len(body)):
             if end <= start:
                 continue
             piece = body[start:end]
@@ -164,8 +169,7 @@ def encode_prompt(tokenizer, instruction: str, prefix: str = "") -> list[int]:
     segment tokenization as :func:`render`, so generation sees the ids detection and training see."""
     prompt, i0, n, _ = locate_instruction(tokenizer, instruction)
     text = prompt + prefix
-    ids, _ = _encode_segments(tokenizer, text, [(0, i0, False), (i0, i0 + n, True),
-                                                (i0 + n, len(prompt), False), (len(prompt), len(text), True)])
+    ids, _ = _encode_segments(tokenizer, text, _segments(i0, n, len(prompt), len(text)))
     return _bos(tokenizer) + ids
 
 
@@ -184,9 +188,7 @@ def render(tokenizer, instruction: str, response: str, *, scored: str = "instruc
     text = body + (eos if eos_id is not None else "")
     target_start = len(prompt) + (len(prefix) if scored == "prefix" else 0)
     span = (i0, i0 + n) if scored == "instruction" else (len(prompt), len(prompt) + len(prefix))
-    input_ids, offsets = _encode_segments(tokenizer, body, [(0, i0, False), (i0, i0 + n, True),
-                                                            (i0 + n, len(prompt), False),
-                                                            (len(prompt), len(body), True)])
+    input_ids, offsets = _encode_segments(tokenizer, body, _segments(i0, n, len(prompt), len(body)))
     bos = _bos(tokenizer)
     input_ids, offsets = bos + input_ids, [(0, 0)] * len(bos) + offsets  # zero-width: never scored or a target
     if eos_id is not None:

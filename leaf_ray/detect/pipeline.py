@@ -171,6 +171,8 @@ def run_detection(cfg: LeafConfig, *, console: Console | None = None) -> DetectR
         # (e.g. during verification) starts no saliency pool again.
         inline = (0 < len(target_ids) <= det.inline_max_samples and not det.selection and not det.verification
                   and det.teacher_pool.mode != "sharded")
+        prune = {"threshold": det.threshold, "pruning": det.pruning}
+        commit = {"root": str(paths.root), "counterfactuals_dir": stream_cf_dir.name}
         if inline and not paths.manifest.exists():  # a small job: the same stages in this process, no Ray
             samples = pq.read_table(clean_files, columns=CLEAN_COLUMNS)
             scorers = [SaliencyScorer(role, getattr(cfg.models, role).model_dump(), **scorer_kwargs(
@@ -179,8 +181,7 @@ def run_detection(cfg: LeafConfig, *, console: Console | None = None) -> DetectR
                 samples, scorers=scorers, pool_batch_sizes=[det.student_pool.batch_size,
                                                             det.teacher_pool.batch_size],
                 tokenise=tokenise_kwargs(cfg, done), units_per_part=det.units_per_part,
-                prune={"threshold": det.threshold, "pruning": det.pruning},
-                commit={"root": str(paths.root), "counterfactuals_dir": stream_cf_dir.name})
+                prune=prune, commit=commit)
             scored_now = drain_with_progress(commits, estimate_units(cfg, len(target_ids), len(done)), console)
         elif not paths.manifest.exists() and not all_units_committed(cfg, clean_files, target_ids, done):
             init_ray(cfg)
@@ -202,10 +203,8 @@ def run_detection(cfg: LeafConfig, *, console: Console | None = None) -> DetectR
                 units = units.map_batches(SaliencyScorer, batch_format="pyarrow", fn_constructor_kwargs={
                     "role": role, "model": getattr(cfg.models, role).model_dump(),
                     **scorer_kwargs(cfg, role, same_tokenizer)}, **pool.map_batches_kwargs())
-            results = units.map_batches(score_and_prune, batch_format="pyarrow",
-                                        fn_kwargs={"threshold": det.threshold, "pruning": det.pruning})
-            commits = results.map_batches(commit_part, batch_format="pyarrow", fn_kwargs={
-                "root": str(paths.root), "counterfactuals_dir": stream_cf_dir.name})
+            results = units.map_batches(score_and_prune, batch_format="pyarrow", fn_kwargs=prune)
+            commits = results.map_batches(commit_part, batch_format="pyarrow", fn_kwargs=commit)
             estimated = estimate_units(cfg, len(target_ids), len(done))
             try:
                 scored_now = drain_with_progress(commits, estimated, console)
