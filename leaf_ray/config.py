@@ -92,6 +92,9 @@ class DataConfig(_Section):
         "quarantine", description="A too-long record is quarantined, or its response is truncated."
     )
     validation_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Held-out share for validation loss.")
+    jsonl_range_bytes: int = Field(
+        4 << 20, ge=0, description="A local JSONL file larger than this is read by parallel tasks, one per "
+        "line-aligned byte range of about this size (0 = one task per file).")
 
 
 # --------------------------------------------------------------------------- models

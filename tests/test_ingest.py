@@ -409,3 +409,56 @@ def test_file_that_is_not_parquet_is_one_quarantine_record(tmp_path):
     path.write_text("this is not parquet")
     (row,) = _read_in_process(str(path), "parquet")
     assert row["reason"] == "unreadable_file" and row["row"] == -1 and "Parquet" in row["detail"]
+
+
+def test_jsonl_byte_ranges_read_the_same_rows_as_the_whole_file(tmp_path):
+    """A big local JSONL file is read as line-aligned byte ranges by parallel tasks: the ranges tile the file,
+    and together they give exactly the rows (line numbers, quarantine records, order keys) of one whole read,
+    with a BOM, CRLF line ends, blank lines, bad lines and no newline at the end."""
+    from leaf_ray.data.ingest import read_items
+    from leaf_ray.data.sources import jsonl_ranges, read_files
+
+    path = tmp_path / "big.jsonl"
+    lines = [b'\xef\xbb\xbf{"id": "r0", "instruction": "Q0", "output": "A0"}\r']
+    for i in range(1, 60):
+        lines.append([json.dumps({"id": f"r{i}", "instruction": f"Caf\u00e9 Q{i}", "output": f"A{i}"}).encode(),
+                      b"", b'{"id": "bad", "instruction": ', b'caf\xe9', b"[1, 2]", b"   "][i % 6])
+    path.write_bytes(b"\n".join(lines))  # no newline after the last line
+    size = path.stat().st_size
+
+    def rows(items):
+        batch = pa.Table.from_pylist(items)
+        return [row for table in read_files(batch, FieldMap(), 0, 0.1) for row in table.to_pylist()]
+
+    whole = rows([{"file_index": 3, "source": str(path), "format": "jsonl"}])
+    assert [r["row"] for r in whole] == [i + 1 for i in range(60) if i % 6 not in (1, 5)]  # blank lines skipped
+    assert whole[0]["sample_id"] == "r0" and {r["reason"] for r in whole} == {
+        None, "malformed_json", "invalid_utf8", "not_an_object"}
+    data = path.read_bytes()
+    for range_bytes in (1, 37, 200, 700):
+        ranges = jsonl_ranges(str(path), range_bytes)
+        assert ranges[0][:1] == (0,) and ranges[-1][1] == size and len(ranges) > 1
+        assert all(a[1] == b[0] and data[b[0] - 1:b[0]] == b"\n" for a, b in zip(ranges, ranges[1:]))
+        assert all(data[:start].count(b"\n") + 1 == line for start, _, line in ranges)
+        items = read_items([("x", "parquet")] * 3 + [(str(path), "jsonl")], range_bytes)[3:]
+        assert len(items) == len(ranges) and {i["file_index"] for i in items} == {3}
+        assert rows(items) == whole, range_bytes
+    assert jsonl_ranges(str(path), size) == [] and jsonl_ranges(str(path), 0) == []
+    assert jsonl_ranges("memory://bucket/big.jsonl", 1) == []  # a URI is read whole, once
+    (tmp_path / "blank.jsonl").write_bytes(b"\n" * 100)
+    assert jsonl_ranges(str(tmp_path / "blank.jsonl"), 10) == []  # read whole: quarantined as empty
+
+
+def test_byte_range_reads_give_the_same_outputs(ingested, tmp_path):
+    """The whole ingest with every JSONL file cut into 64-byte ranges: the same clean rows in the same order,
+    the same quarantine records and counts as one task per file."""
+    cfg, report, clean, quarantine = ingested
+    tree = cfg.dump()
+    tree["run"] = {**tree["run"], "root_dir": str(tmp_path / "runs")}
+    tree["data"] = {**tree["data"], "jsonl_range_bytes": 64}
+    ranged = run_ingest(config_from_dict(tree, "test"))
+    assert pq.read_table(ranged.clean_dir).to_pylist() == clean
+    assert sorted(pq.read_table(ranged.quarantine_dir).to_pylist(), key=str) == sorted(quarantine, key=str)
+    manifest, ranged_manifest = (json.loads(r.manifest_path.read_text()) for r in (report, ranged))
+    for key in ("counts", "quarantined_by_reason", "splits", "sources", "warnings"):
+        assert ranged_manifest[key] == manifest[key], key

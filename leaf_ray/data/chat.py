@@ -149,12 +149,24 @@ def rendered_lengths(tokenizer, pairs: list[tuple[str, str]]) -> list[int | None
         lengths.append(length)
     for is_content, texts in pieces.items():
         if texts:
-            encoded = tokenizer(texts, add_special_tokens=False, split_special_tokens=is_content)["input_ids"]
-            for k, text, ids in zip(owners[is_content], texts, encoded):
-                lengths[k] += len(ids)
+            for k, text, n_tokens in zip(owners[is_content], texts, _token_counts(tokenizer, texts, is_content)):
+                lengths[k] += n_tokens
                 if not is_content and len(template_lengths) < 4096:
-                    template_lengths[text] = len(ids)
+                    template_lengths[text] = n_tokens
     return lengths
+
+
+def _token_counts(tokenizer, texts: list[str], split_special_tokens: bool) -> list[int]:
+    """``len(tokenizer(text, add_special_tokens=False, split_special_tokens=...)["input_ids"])`` per text. On a
+    fast tokenizer with no truncation or padding set, that call is the Rust ``encode_batch`` plus a conversion
+    of every encoding to Python lists (~45% of the time); the counts need only the encodings' lengths."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None or backend.truncation is not None or backend.padding is not None or \
+            not hasattr(backend, "encode_special_tokens"):
+        return [len(ids) for ids in tokenizer(texts, add_special_tokens=False,
+                                              split_special_tokens=split_special_tokens)["input_ids"]]
+    backend.encode_special_tokens = split_special_tokens  # what the tokenizer call sets, too
+    return [len(encoding) for encoding in backend.encode_batch(texts, add_special_tokens=False)]
 
 
 def _bos(tokenizer) -> list[int]:

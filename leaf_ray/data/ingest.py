@@ -5,11 +5,13 @@ Pipeline (one Ray Data dataset, streamed):
 1. Driver, before any work: expand paths, directories and globs (local or any URI pyarrow/fsspec opens), pick
    each file's format, load the student tokenizer. A nonexistent path, a glob matching nothing or an unknown
    format raises :class:`IngestError` naming the path.
-2. ``from_items(files)`` -> ``map_batches(read_files)``: one task per file streams it (JSONL line by line,
-   Parquet row group by row group, a JSON array parsed whole) and turns every record into one row of
-   :data:`RECORD_SCHEMA`, either clean or carrying a quarantine ``reason``. A bad record never raises.
-3. ``map_batches(_check_length)``: renders each clean record with the student's chat template and quarantines
-   (or truncates the response of) records longer than ``data.max_length`` tokens.
+2. ``read_datasource(corpus_datasource(...))``: one read task per file streams it (JSONL line by line,
+   Parquet row group by row group, a JSON array parsed whole; a local JSONL file over
+   ``data.jsonl_range_bytes`` is cut at line ends into byte ranges, one task each, rows numbered as if read
+   whole) and turns every record into one row of :data:`RECORD_SCHEMA`, either clean or carrying a
+   quarantine ``reason``. A bad record never raises.
+3. ``_check_length``, inside each read task: renders each clean record with the student's chat template and
+   quarantines (or truncates the response of) records longer than ``data.max_length`` tokens.
 4. Dedup by ``sample_id`` on the driver (see :func:`_duplicate_keys`), then ``write_parquet`` of the clean
    and the quarantined rows, plus ``ingest_manifest.json``.
 
@@ -34,6 +36,7 @@ Counting: ``read`` = records seen + one per file that yields no records (empty /
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +57,7 @@ from leaf_ray.data.records import (
     UNREADABLE_FILE,
     IngestError,
 )
-from leaf_ray.data.sources import read_files, resolve_sources
+from leaf_ray.data.sources import corpus_datasource, jsonl_ranges, resolve_sources
 from leaf_ray.store import RunDir, replace_parquet_dir, write_json_atomic
 
 if TYPE_CHECKING:
@@ -289,6 +292,18 @@ def ingest_spec(cfg: LeafConfig) -> dict[str, Any]:
 # --------------------------------------------------------------------------- entry point
 
 
+def read_items(files: list[tuple[str, str]], range_bytes: int) -> list[dict[str, Any]]:
+    """One read task per file, or per line-aligned byte range of a big local JSONL file (`jsonl_ranges`), so
+    one large file is read, checked and tokenised by all the CPUs at once."""
+    items = []
+    for i, (source, fmt) in enumerate(files):
+        ranges = jsonl_ranges(source, range_bytes) if fmt == "jsonl" else []
+        for start, end, first_line in ranges or [(-1, -1, 1)]:
+            items.append({"file_index": i, "source": source, "format": fmt, "start": start, "end": end,
+                          "first_line": first_line})
+    return items
+
+
 def run_ingest(cfg: LeafConfig) -> IngestReport:
     """Validate the corpus in `cfg.data` into `<run dir>/data/{clean,quarantine}/` and a manifest."""
     import pyarrow.compute as pc
@@ -317,19 +332,13 @@ def run_ingest(cfg: LeafConfig) -> IngestReport:
     saved_order = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True  # clean/ rows come out in input order: reruns are identical
     try:
-        items = [{"file_index": i, "source": f, "format": ff} for i, (f, ff) in enumerate(files)]
-        records = (
-            ray.data.from_items(items, override_num_blocks=len(items))
-            .map_batches(read_files, batch_size=1, batch_format="pyarrow",
-                         fn_kwargs={"fields": cfg.data.fields, "seed": cfg.run.seed,
-                                    "validation_fraction": cfg.data.validation_fraction})
-            # Batches of 1024 (read_files' block size): one batched tokenizer call each. Fused into the read
-            # task; a streaming repartition to spread one big file over the CPUs measured slower here.
-            .map_batches(_check_length, batch_size=1024, batch_format="pyarrow",
-                         fn_kwargs={"model_ref_json": student.model_dump_json(), "max_length": cfg.data.max_length,
-                                    "truncate": cfg.data.on_too_long == "truncate"})
-            .materialize()
-        )
+        items = read_items(files, cfg.data.jsonl_range_bytes)
+        # Each block of read_files (1024 records) is length-checked in its read task: one batched tokenizer
+        # call per block, every file / byte range read, checked and tokenised by one task.
+        check = functools.partial(_check_length, model_ref_json=student.model_dump_json(),
+                                  max_length=cfg.data.max_length, truncate=cfg.data.on_too_long == "truncate")
+        source = corpus_datasource(items, cfg.data.fields, cfg.run.seed, cfg.data.validation_fraction, then=check)
+        records = ray.data.read_datasource(source, override_num_blocks=len(items)).materialize()
         id_table = _concat(records.map_batches(_clean_ids, batch_format="pyarrow"), ID_SCHEMA)
         duplicates = _duplicate_keys(id_table)
         duplicate_rows = id_table.filter(pc.is_in(id_table["order_key"], pa.array(list(duplicates), pa.int64())))

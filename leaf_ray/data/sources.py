@@ -1,5 +1,6 @@
 """Where the corpus comes from: paths, directories and globs (local or any URI) resolved on the driver, and
-each file streamed into :data:`~leaf_ray.data.records.RECORD_SCHEMA` rows by one Ray Data task."""
+each file (or line-aligned byte range of a big local JSONL file) streamed into
+:data:`~leaf_ray.data.records.RECORD_SCHEMA` rows by one Ray Data read task."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import fnmatch
 import glob
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -142,7 +143,59 @@ def resolve_sources(paths: list[str], fmt: str) -> list[tuple[str, str]]:
     return files
 
 
+def jsonl_ranges(source: str, range_bytes: int, chunk_bytes: int = 8 << 20) -> list[tuple[int, int, int]]:
+    """[(start byte, end byte, first line number)] cutting a **local** JSONL file, at line ends, into pieces of
+    about `range_bytes`, so several tasks read one big file. `[]` = read it whole (one task): a URI (counting its
+    lines here would read it twice over the network), a file of at most `range_bytes`, one with no content
+    (so the whole-file reader quarantines it as empty), or `range_bytes` 0.
+
+    One pass over the bytes on the driver (``bytes.find`` / ``count``, ~1 GB/s): each range starts right after
+    a newline, and its first line number (1-based, what an editor shows) is the newlines before it + 1, so
+    every record keeps the `row` and `order_key` it has when the file is read whole."""
+    if range_bytes <= 0 or _is_uri(source):
+        return []
+    path = source.removeprefix("file://")
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        return []  # the reader task reports it, with the file's name
+    if size <= range_bytes:
+        return []
+    starts: list[tuple[int, int]] = [(0, 1)]  # (byte, line number)
+    target, offset, newlines, content = range_bytes, 0, 0, False
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            content = content or bool(chunk.strip())
+            while target < offset + len(chunk):
+                cut = chunk.find(b"\n", max(0, target - offset))
+                if cut < 0:
+                    break
+                boundary = offset + cut + 1
+                if boundary < size:
+                    starts.append((boundary, newlines + chunk.count(b"\n", 0, cut + 1) + 1))
+                target = boundary + range_bytes
+            newlines += chunk.count(b"\n")
+            offset += len(chunk)
+    if not content or len(starts) == 1:
+        return []
+    ends = [start for start, _ in starts[1:]] + [size]
+    return [(start, end, line) for (start, line), end in zip(starts, ends)]
+
+
 # --------------------------------------------------------------------------- reading (Ray Data tasks)
+
+
+class _ByteRange:
+    """The bytes [start, end) of a seekable pyarrow file as a stream (`read(n)` stops at `end`)."""
+
+    def __init__(self, file, start: int, end: int):
+        self.file, self.remaining = file, end - start
+        file.seek(start)
+
+    def read(self, n: int) -> bytes:
+        data = self.file.read(min(n, self.remaining)) if self.remaining > 0 else b""
+        self.remaining -= len(data)
+        return data
 
 
 class _RowBuilder:
@@ -183,9 +236,11 @@ class _RowBuilder:
         return table
 
 
-def _read_jsonl(stream, out: _RowBuilder, chunk_bytes: int = 1 << 20) -> Iterator[pa.Table]:
-    """Line by line; each line decoded and parsed on its own, so a bad line costs only itself."""
-    line_no, pending, saw_content = 0, b"", False
+def _read_jsonl(stream, out: _RowBuilder, chunk_bytes: int = 1 << 20, *, first_line: int = 1,
+                whole_file: bool = True) -> Iterator[pa.Table]:
+    """Line by line; each line decoded and parsed on its own, so a bad line costs only itself. A byte range of
+    a file (:func:`jsonl_ranges`) starts at line `first_line`; only a whole file can be found empty."""
+    line_no, pending, saw_content = first_line - 1, b"", False
     while True:
         chunk = stream.read(chunk_bytes)
         if chunk:
@@ -217,7 +272,7 @@ def _read_jsonl(stream, out: _RowBuilder, chunk_bytes: int = 1 << 20) -> Iterato
                 yield out.flush()
         if not chunk:
             break
-    if not saw_content:
+    if not saw_content and whole_file:
         out.quarantine(FILE_RECORD_ROW, EMPTY_FILE, "file holds no records", "")
     yield out.flush()
 
@@ -291,12 +346,50 @@ def _read_parquet(fs, path: str, out: _RowBuilder) -> Iterator[pa.Table]:
         yield out.flush()
 
 
+def corpus_datasource(items: list[dict[str, Any]], fields, seed: int, validation_fraction: float,
+                      then: Callable[[pa.Table], pa.Table] | None = None):
+    """A Ray Data source with **one read task per item** (a file, or a byte range of one: `read_items`), each
+    block passed through `then` inside the read task (the length check: read, check, tokenise in one task).
+    (`from_items(...).map_batches(read_files)` let Ray Data bundle the tiny item blocks into a single task,
+    so one process read the whole corpus.)"""
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    class CorpusDatasource(Datasource):
+        def estimate_inmemory_data_size(self) -> int | None:
+            return None
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                           data_context=None) -> list[ReadTask]:
+            def reader(item: dict[str, Any]):
+                def read() -> Iterator[pa.Table]:
+                    for table in read_files(pa.Table.from_pylist([item]), fields, seed, validation_fraction):
+                        yield then(table) if then is not None else table
+                return read
+
+            return [ReadTask(reader(item), BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None,
+                                                         input_files=(item["source"],)), schema=RECORD_SCHEMA)
+                    for item in items]
+
+    return CorpusDatasource()
+
+
 def read_files(batch: pa.Table, fields, seed: int, validation_fraction: float) -> Iterator[pa.Table]:
-    """Ray Data UDF: read each file of the batch (rows: file_index, source, format)."""
-    for file_index, source, fmt in zip(*(batch.column(c).to_pylist() for c in ("file_index", "source", "format"))):
+    """Ray Data UDF: read each file of the batch (rows: file_index, source, format; optional start, end,
+    first_line: one JSONL byte range of :func:`jsonl_ranges`, start -1 or absent = the whole file)."""
+    n = batch.num_rows
+    columns = [batch.column(c).to_pylist() if c in batch.column_names else [default] * n
+               for c, default in (("file_index", 0), ("source", ""), ("format", ""), ("start", -1), ("end", -1),
+                                  ("first_line", 1))]
+    for file_index, source, fmt, start, end, first_line in zip(*columns):
         out = _RowBuilder(file_index, source, fields, seed, validation_fraction)
         try:
             fs, path = filesystem_for(source)
+            if start >= 0:
+                with fs.open_input_file(path) as file:
+                    yield from _read_jsonl(_ByteRange(file, start, end), out, first_line=first_line,
+                                           whole_file=False)
+                continue
             if fmt == "parquet":
                 yield from _read_parquet(fs, path, out)
                 continue
