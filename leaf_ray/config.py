@@ -95,6 +95,9 @@ class DataConfig(_Section):
     jsonl_range_bytes: int = Field(
         4 << 20, ge=0, description="A local JSONL file larger than this is read by parallel tasks, one per "
         "line-aligned byte range of about this size (0 = one task per file).")
+    inline_max_bytes: int = Field(
+        4 << 20, ge=0, description="Input files totalling at most this many bytes (a size one read task would "
+        "take) are ingested in the calling process with the same functions, no Ray start; 0 = always Ray Data.")
 
 
 # --------------------------------------------------------------------------- models

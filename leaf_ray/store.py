@@ -175,7 +175,8 @@ def iter_rows(files: list[str], columns: list[str]) -> Iterator[dict]:
             yield from batch.to_pylist()
 
 
-def replace_parquet_dir(directory: Path, ds: ray.data.Dataset | None, schema: pa.Schema | None = None, *,
+def replace_parquet_dir(directory: Path, ds: ray.data.Dataset | list[pa.Table] | None,
+                        schema: pa.Schema | None = None, *,
                         spec: dict[str, Any] | None = None) -> Path:
     """Write `ds` as the whole of `directory`: into a staging directory beside it, then swapped in, so a
     rerun replaces the previous output and a reader never sees a half-written one. `ds=None` (nothing to
@@ -186,7 +187,11 @@ def replace_parquet_dir(directory: Path, ds: ray.data.Dataset | None, schema: pa
         shutil.rmtree(leftover, ignore_errors=True)
     staging = directory.with_name(f".{directory.name}.{uuid.uuid4().hex[:8]}.tmp")
     staging.mkdir()
-    if ds is not None:
+    if isinstance(ds, list):  # tables made in this process
+        tables = [t for t in ds if t.num_rows]
+        if tables:
+            pq.write_table(pa.concat_tables(tables), staging / "part-00000.parquet")
+    elif ds is not None:
         ds.write_parquet(str(staging))
     if schema is not None and not any(staging.glob("*.parquet")):
         pq.write_table(schema.empty_table(), staging / "empty.parquet")

@@ -23,7 +23,7 @@ def _config(root: Path, tiny_pair: dict, **data) -> object:
         "ray": {"num_cpus": 2},
         "models": {"teacher": {"path": tiny_pair["teacher"]}, "student": {"path": tiny_pair["student"]},
                    "make_tiny_if_missing": False},
-        "data": {"max_length": 96, **data},
+        "data": {"max_length": 96, "inline_max_bytes": 0, **data},  # Ray Data (a small input runs inline)
     }
     return config_from_dict(tree, "test")
 
@@ -462,3 +462,29 @@ def test_byte_range_reads_give_the_same_outputs(ingested, tmp_path):
     manifest, ranged_manifest = (json.loads(r.manifest_path.read_text()) for r in (report, ranged))
     for key in ("counts", "quarantined_by_reason", "splits", "sources", "warnings"):
         assert ranged_manifest[key] == manifest[key], key
+
+
+def test_small_input_is_ingested_in_process_with_the_same_outputs(ingested, tmp_path, monkeypatch):
+    """An input under data.inline_max_bytes runs the same read, check, dedup and writes in this process, with
+    no Ray at all: the same clean rows in order, quarantine records and counts as the Ray Data run."""
+    import leaf_ray.raycluster
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("a small ingest must not start or use Ray")
+
+    monkeypatch.setattr(leaf_ray.raycluster, "init_ray", no_ray)
+    cfg, report, clean, quarantine = ingested
+    tree = cfg.dump()
+    tree["run"] = {**tree["run"], "root_dir": str(tmp_path / "runs")}
+    tree["data"] = {**tree["data"], "inline_max_bytes": 1 << 20}
+    inline = run_ingest(config_from_dict(tree, "test"))
+    assert pq.read_table(inline.clean_dir).to_pylist() == clean
+    assert sorted(pq.read_table(inline.quarantine_dir).to_pylist(), key=str) == sorted(quarantine, key=str)
+    manifest, inline_manifest = (json.loads(r.manifest_path.read_text()) for r in (report, inline))
+    for key in ("counts", "quarantined_by_reason", "splits", "sources", "warnings", "extra_columns"):
+        assert inline_manifest[key] == manifest[key], key
+    assert (manifest["execution"]["mode"], inline_manifest["execution"]["mode"]) == ("ray_data", "inline")
+    assert inline_manifest["execution"]["input_bytes"] == sum(
+        (corpus / name).stat().st_size for corpus in [Path(report.sources[0]["source"]).parent]
+        for name in ("a_good.jsonl", "b_bad.jsonl", "c_empty.jsonl", "arr.json", "broken.json", "p.parquet",
+                     "zero.parquet"))

@@ -12,6 +12,8 @@ Pipeline (one Ray Data dataset, streamed):
    quarantine ``reason``. A bad record never raises.
 3. ``_check_length``, inside each read task: renders each clean record with the student's chat template and
    quarantines (or truncates the response of) records longer than ``data.max_length`` tokens.
+   An input of at most ``data.inline_max_bytes`` runs steps 2-4 in the calling process instead (the same
+   functions over a list of blocks; no Ray start), which is what a small job costs in a plain script.
 4. Dedup by ``sample_id`` on the driver (see :func:`_duplicate_keys`), then ``write_parquet`` of the clean
    and the quarantined rows, plus ``ingest_manifest.json``.
 
@@ -36,6 +38,7 @@ Counting: ``read`` = records seen + one per file that yields no records (empty /
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 from dataclasses import dataclass
@@ -57,7 +60,7 @@ from leaf_ray.data.records import (
     UNREADABLE_FILE,
     IngestError,
 )
-from leaf_ray.data.sources import corpus_datasource, jsonl_ranges, resolve_sources
+from leaf_ray.data.sources import corpus_datasource, jsonl_ranges, read_files, resolve_sources, total_bytes
 from leaf_ray.store import RunDir, replace_parquet_dir, write_json_atomic
 
 if TYPE_CHECKING:
@@ -230,11 +233,20 @@ def _clean_ids(batch: pa.Table) -> pa.Table:
     return batch.filter(pc.is_null(batch["reason"])).select(ID_SCHEMA.names)
 
 
+def _per_block(records, fn, **kwargs):
+    """`fn(block, **kwargs)` of every block of the checked records: a Ray Data map over the materialised dataset,
+    or, for an input ingested in this process, a list of tables."""
+    if isinstance(records, list):
+        return [fn(table, **kwargs) for table in records]
+    return records.map_batches(fn, batch_format="pyarrow", fn_kwargs=kwargs)
+
+
 def _concat(ds, schema: pa.Schema) -> pa.Table:
-    """Pull a (small) dataset to the driver as one Arrow table."""
+    """Pull a (small) dataset, or a list of tables, to the driver as one Arrow table."""
     import ray
 
-    tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
+    tables = ds if isinstance(ds, list) else ray.get(ds.to_arrow_refs())
+    tables = [t for t in tables if t.num_rows]
     return pa.concat_tables([t.cast(schema) for t in tables]) if tables else schema.empty_table()
 
 
@@ -292,6 +304,21 @@ def ingest_spec(cfg: LeafConfig) -> dict[str, Any]:
 # --------------------------------------------------------------------------- entry point
 
 
+@contextlib.contextmanager
+def _ray_data_in_order():
+    """Ray Data keeps the input order while the ingest runs: clean/ rows come out in input order, so reruns are
+    identical."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True
+    try:
+        yield
+    finally:
+        ctx.execution_options.preserve_order = saved
+
+
 def read_items(files: list[tuple[str, str]], range_bytes: int) -> list[dict[str, Any]]:
     """One read task per file, or per line-aligned byte range of a big local JSONL file (`jsonl_ranges`), so
     one large file is read, checked and tokenised by all the CPUs at once."""
@@ -307,7 +334,6 @@ def read_items(files: list[tuple[str, str]], range_bytes: int) -> list[dict[str,
 def run_ingest(cfg: LeafConfig) -> IngestReport:
     """Validate the corpus in `cfg.data` into `<run dir>/data/{clean,quarantine}/` and a manifest."""
     import pyarrow.compute as pc
-    import ray.data
 
     from leaf_ray.data.demo_corpus import write_demo_corpus
     from leaf_ray.models import ModelLoadError, load_tokenizer
@@ -326,38 +352,41 @@ def run_ingest(cfg: LeafConfig) -> IngestReport:
         raise IngestError(f"models.student: the data.max_length check needs the student tokenizer: {e} (for "
                           "the tiny offline pair: `leaf-ray models make-tiny DIR`)") from None
 
-    init_ray(cfg)
+    size = total_bytes(files)
+    inline = size is not None and size <= cfg.data.inline_max_bytes
+    if not inline:
+        init_ray(cfg)
     sources = [f for f, _ in files]
-    ctx = ray.data.DataContext.get_current()
-    saved_order = ctx.execution_options.preserve_order
-    ctx.execution_options.preserve_order = True  # clean/ rows come out in input order: reruns are identical
-    try:
+    with contextlib.nullcontext() if inline else _ray_data_in_order():
         items = read_items(files, cfg.data.jsonl_range_bytes)
         # Each block of read_files (1024 records) is length-checked in its read task: one batched tokenizer
         # call per block, every file / byte range read, checked and tokenised by one task.
         check = functools.partial(_check_length, model_ref_json=student.model_dump_json(),
                                   max_length=cfg.data.max_length, truncate=cfg.data.on_too_long == "truncate")
-        source = corpus_datasource(items, cfg.data.fields, cfg.run.seed, cfg.data.validation_fraction, then=check)
-        records = ray.data.read_datasource(source, override_num_blocks=len(items)).materialize()
-        id_table = _concat(records.map_batches(_clean_ids, batch_format="pyarrow"), ID_SCHEMA)
+        read_args = (cfg.data.fields, cfg.run.seed, cfg.data.validation_fraction)
+        if inline:  # a small input: the same read and check in this process (Ray's start would dominate)
+            records = [check(table) for item in items for table in read_files(pa.Table.from_pylist([item]),
+                                                                             *read_args)]
+        else:
+            import ray.data
+
+            source = corpus_datasource(items, *read_args, then=check)
+            records = ray.data.read_datasource(source, override_num_blocks=len(items)).materialize()
+        id_table = _concat(_per_block(records, _clean_ids), ID_SCHEMA)
         duplicates = _duplicate_keys(id_table)
         duplicate_rows = id_table.filter(pc.is_in(id_table["order_key"], pa.array(list(duplicates), pa.int64())))
         del id_table
-        summary = _concat(records.map_batches(_summarize, batch_format="pyarrow"), SUMMARY_SCHEMA)
+        summary = _concat(_per_block(records, _summarize), SUMMARY_SCHEMA)
         extra_keys = sorted({k for keys in summary["extra_keys"].to_pylist() for k in json.loads(keys)})
         counts = _count(summary.to_pylist(), duplicate_rows.to_pylist(), sources, files)
 
         clean_dir, quarantine_dir = run_dir.clean, run_dir.data_quarantine
         # An empty output is not run at all: its directory gets the empty table of its schema.
-        clean = records.map_batches(_to_clean, batch_format="pyarrow", fn_kwargs={
-            "duplicates": duplicates, "sources": sources, "extra_keys": extra_keys})
+        clean = _per_block(records, _to_clean, duplicates=duplicates, sources=sources, extra_keys=extra_keys)
         replace_parquet_dir(clean_dir, clean if counts["clean"] else None, clean_schema(extra_keys))
-        quarantine = records.map_batches(_to_quarantine, batch_format="pyarrow",
-                                         fn_kwargs={"duplicates": duplicates, "sources": sources})
+        quarantine = _per_block(records, _to_quarantine, duplicates=duplicates, sources=sources)
         replace_parquet_dir(quarantine_dir, quarantine if sum(counts["quarantined"].values()) else None,
                             QUARANTINE_SCHEMA)
-    finally:
-        ctx.execution_options.preserve_order = saved_order
 
     manifest_path = run_dir.ingest_manifest
     manifest = {
@@ -367,6 +396,7 @@ def run_ingest(cfg: LeafConfig) -> IngestReport:
         "truncated": counts["truncated"], "sources": counts["sources"], "warnings": counts["warnings"],
         "extra_columns": [_extra_column_name(k) for k in extra_keys],
         "spec": ingest_spec(cfg), "clean_dir": str(clean_dir), "quarantine_dir": str(quarantine_dir),
+        "execution": {"mode": "inline" if inline else "ray_data", "read_tasks": len(items), "input_bytes": size},
     }
     write_json_atomic(manifest_path, manifest)
     return IngestReport(read=counts["read"], clean=counts["clean"], quarantined=counts["quarantined"],

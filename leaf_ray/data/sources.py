@@ -182,6 +182,21 @@ def jsonl_ranges(source: str, range_bytes: int, chunk_bytes: int = 8 << 20) -> l
     return [(start, end, line) for (start, line), end in zip(starts, ends)]
 
 
+def total_bytes(files: list[tuple[str, str]]) -> int | None:
+    """The input's size in bytes, or None where a file's size is unknown."""
+    total = 0
+    for source, _ in files:
+        try:
+            fs, path = filesystem_for(source)
+            size = fs.get_file_info(path).size
+        except (OSError, pa.ArrowException, IngestError):
+            return None
+        if size is None:
+            return None
+        total += size
+    return total
+
+
 # --------------------------------------------------------------------------- reading (Ray Data tasks)
 
 
