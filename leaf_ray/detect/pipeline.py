@@ -31,6 +31,7 @@ for a single node, NFS/EFS-style mounts on a cluster), because rename is the com
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -135,9 +136,6 @@ class DetectReport:
 
 def run_detection(cfg: LeafConfig, *, console: Console | None = None) -> DetectReport:
     """Stage 1 end to end on Ray Data; resumes from whatever an interrupted run committed."""
-    import ray
-    import ray.data
-
     from leaf_ray.raycluster import init_ray
 
     started = time.monotonic()
@@ -151,8 +149,12 @@ def run_detection(cfg: LeafConfig, *, console: Console | None = None) -> DetectR
     stream_cf_dir = paths.candidates if det.verification else paths.counterfactuals
     for d in (paths.scores, stream_cf_dir, paths.quarantine):
         d.mkdir(parents=True, exist_ok=True)
+    # A small job runs in this process (below): it neither imports Ray (~0.7 s) nor switches its progress bars.
+    inline = (0 < len(sample_ids) <= det.inline_max_samples and not det.selection and not det.verification
+              and det.teacher_pool.mode != "sharded")
     with exclusive_lock(paths.lock, lambda: DetectionError(f"{paths.root}: another detection run is writing "
-                                                           "here")), ray_progress_bars_off(console):
+                                                           "here")), \
+            contextlib.nullcontext() if inline else ray_progress_bars_off(console):
         check_same_spec(paths, run_spec(cfg, sample_ids))
         recover_interrupted_commits(paths, verification=det.verification)
         done = committed_units(paths)
@@ -169,8 +171,6 @@ def run_detection(cfg: LeafConfig, *, console: Console | None = None) -> DetectR
                     f"{paths.selection}")
         # The manifest is written last: without it the run is unfinished. A run killed after the last unit
         # (e.g. during verification) starts no saliency pool again.
-        inline = (0 < len(target_ids) <= det.inline_max_samples and not det.selection and not det.verification
-                  and det.teacher_pool.mode != "sharded")
         prune = {"threshold": det.threshold, "pruning": det.pruning}
         commit = {"root": str(paths.root), "counterfactuals_dir": stream_cf_dir.name}
         if inline and not paths.manifest.exists():  # a small job: the same stages in this process, no Ray
@@ -184,6 +184,9 @@ def run_detection(cfg: LeafConfig, *, console: Console | None = None) -> DetectR
                 prune=prune, commit=commit)
             scored_now = drain_with_progress(commits, estimate_units(cfg, len(target_ids), len(done)), console)
         elif not paths.manifest.exists() and not all_units_committed(cfg, clean_files, target_ids, done):
+            import ray
+            import ray.data
+
             init_ray(cfg)
             check_local_resources(cfg, ray.cluster_resources())
             samples = ray.data.read_parquet(clean_files, columns=CLEAN_COLUMNS)
