@@ -243,9 +243,12 @@ def _per_block(records, fn, **kwargs):
 
 def _concat(ds, schema: pa.Schema) -> pa.Table:
     """Pull a (small) dataset, or a list of tables, to the driver as one Arrow table."""
-    import ray
+    if isinstance(ds, list):
+        tables = ds
+    else:
+        import ray
 
-    tables = ds if isinstance(ds, list) else ray.get(ds.to_arrow_refs())
+        tables = ray.get(ds.to_arrow_refs())
     tables = [t for t in tables if t.num_rows]
     return pa.concat_tables([t.cast(schema) for t in tables]) if tables else schema.empty_table()
 
