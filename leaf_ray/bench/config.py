@@ -44,6 +44,7 @@ class FocusPrepareConfig(_Section):
     student: FocusStudentSizes = Field(default_factory=FocusStudentSizes,
                                        description="Student architecture (trained on clean problems only).")
     steps: int = Field(1500, ge=1, description="Optimizer steps per model.")
+    teacher_steps: int | None = Field(None, ge=1, description="The teacher's optimizer steps, if not `steps`.")
     teacher_clean_steps: int = Field(
         500, ge=0, description="Curriculum: the teacher's first steps (of `steps`) on the clean view of its problems.")
     batch_size: int = Field(32, ge=1)

@@ -75,7 +75,9 @@ def prepare_key(focus: "FocusBenchConfig") -> str:
     """What the prepared models depend on: the task (seed, numbers, prepare/validation sizes) and the recipe."""
     key = {"seed": focus.task_seed, "max_number": focus.max_number, "prepare_size": focus.sizes.prepare,
            "validation_size": focus.sizes.validation,
-           "recipe": focus.prepare.model_dump()}  # torch_threads too: it changes the float sums, hence the models
+           # torch_threads too: it changes the float sums, hence the models; unset options leave the key as it
+           # was before they existed (the shipped models' key)
+           "recipe": {k: v for k, v in focus.prepare.model_dump().items() if v is not None}}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -122,7 +124,8 @@ def prepare_models(focus: "FocusBenchConfig", out_dir: str | Path, *, console: "
                   "max_number": focus.max_number, "prepare_size": len(prepare_rows), "vocab": len(tokenizer)}
     roles = {"teacher": (prepare_rows, recipe.teacher.model_dump(), recipe.seed),
              "student": (clean_view(prepare_rows), recipe.student.model_dump(), recipe.seed + 1)}
-    first_steps = {"teacher": min(recipe.teacher_clean_steps, recipe.steps), "student": 0}
+    steps = {"teacher": recipe.teacher_steps or recipe.steps, "student": recipe.steps}
+    first_steps = {"teacher": min(recipe.teacher_clean_steps, steps["teacher"]), "student": 0}
     for role, (rows, sizes, seed) in roles.items():
         t0 = time.monotonic()
         model = make_tiny_model(tokenizer, seed=seed, **sizes)
@@ -136,14 +139,14 @@ def prepare_models(focus: "FocusBenchConfig", out_dir: str | Path, *, console: "
         first = tokenize_examples(loaded, clean_view(rows)) if first_steps[role] else None
         say(f"prepare {role}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
             f"{len(examples)} problems{' (distractors removed)' if role == 'student' else ''}, "
-            f"{recipe.steps} steps" + (f" (the first {first_steps[role]} on the clean view)" if first_steps[role] else ""))
-        losses = train_response_lm(model, examples, pad_id=tokenizer.pad_token_id, steps=recipe.steps,
+            f"{steps[role]} steps" + (f" (the first {first_steps[role]} on the clean view)" if first_steps[role] else ""))
+        losses = train_response_lm(model, examples, pad_id=tokenizer.pad_token_id, steps=steps[role],
                                    batch_size=recipe.batch_size, lr=recipe.lr, seed=seed,
                                    first_examples=first, first_steps=first_steps[role],
                                    log=lambda step, loss, role=role, t0=t0: say(
                                        f"  {role} step {step}: loss {loss:.3f} ({time.monotonic() - t0:.0f} s, "
                                        f"{time.process_time():.0f} s CPU)"),
-                                   log_every=max(1, recipe.steps // 5))
+                                   log_every=max(1, steps[role] // 5))
         model.save_pretrained(out / role)
         tokenizer.save_pretrained(out / role)
         info[role] = {"sizes": sizes, "parameters": sum(p.numel() for p in model.parameters()),
