@@ -3,6 +3,7 @@ reason (or rejected before any work, naming the path), good rows are kept, and t
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -438,7 +439,7 @@ def test_jsonl_byte_ranges_read_the_same_rows_as_the_whole_file(tmp_path):
     for range_bytes in (1, 37, 200, 700):
         ranges = jsonl_ranges(str(path), range_bytes)
         assert ranges[0][:1] == (0,) and ranges[-1][1] == size and len(ranges) > 1
-        assert all(a[1] == b[0] and data[b[0] - 1:b[0]] == b"\n" for a, b in zip(ranges, ranges[1:]))
+        assert all(a[1] == b[0] and data[b[0] - 1:b[0]] == b"\n" for a, b in itertools.pairwise(ranges))
         assert all(data[:start].count(b"\n") + 1 == line for start, _, line in ranges)
         items = read_items([("x", "parquet")] * 3 + [(str(path), "jsonl")], range_bytes)[3:]
         assert len(items) == len(ranges) and {i["file_index"] for i in items} == {3}

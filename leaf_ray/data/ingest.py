@@ -60,7 +60,7 @@ from leaf_ray.data.records import (
     UNREADABLE_FILE,
     IngestError,
 )
-from leaf_ray.data.sources import corpus_datasource, jsonl_ranges, read_files, resolve_sources, total_bytes
+from leaf_ray.data.sources import corpus_datasource, jsonl_ranges, read_item, resolve_sources, total_bytes
 from leaf_ray.store import RunDir, replace_parquet_dir, write_json_atomic
 
 if TYPE_CHECKING:
@@ -339,8 +339,8 @@ def run_ingest(cfg: LeafConfig) -> IngestReport:
     import pyarrow.compute as pc
 
     from leaf_ray.data.demo_corpus import write_demo_corpus
-    from leaf_ray.models import ModelLoadError, load_tokenizer
-    from leaf_ray.raycluster import init_ray, local_model_ref
+    from leaf_ray.models import ModelLoadError
+    from leaf_ray.raycluster import cached_tokenizer, init_ray, local_model_ref
 
     run_dir = RunDir(Path(cfg.run.dir).expanduser().resolve())
     paths, fmt = cfg.data.paths, cfg.data.format
@@ -350,7 +350,8 @@ def run_ingest(cfg: LeafConfig) -> IngestReport:
     files = resolve_sources(paths, fmt)
     student = local_model_ref(cfg.models.student)
     try:
-        load_tokenizer(student)  # fail before any work if the max_length check cannot run
+        # Fail before any work if the max_length check cannot run; an inline check reuses this load.
+        cached_tokenizer(student.model_dump_json())
     except (ModelLoadError, OSError, ValueError) as e:
         raise IngestError(f"models.student: the data.max_length check needs the student tokenizer: {e} (for "
                           "the tiny offline pair: `leaf-ray models make-tiny DIR`)") from None
@@ -367,9 +368,8 @@ def run_ingest(cfg: LeafConfig) -> IngestReport:
         check = functools.partial(_check_length, model_ref_json=student.model_dump_json(),
                                   max_length=cfg.data.max_length, truncate=cfg.data.on_too_long == "truncate")
         read_args = (cfg.data.fields, cfg.run.seed, cfg.data.validation_fraction)
-        if inline:  # a small input: the same read and check in this process (Ray's start would dominate)
-            records = [check(table) for item in items for table in read_files(pa.Table.from_pylist([item]),
-                                                                             *read_args)]
+        if inline:  # a small input: the same read tasks, run in this process (Ray's start would dominate)
+            records = [table for item in items for table in read_item(item, *read_args, then=check)]
         else:
             import ray.data
 

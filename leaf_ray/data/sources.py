@@ -377,10 +377,7 @@ def corpus_datasource(items: list[dict[str, Any]], fields, seed: int, validation
         def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                            data_context=None) -> list[ReadTask]:
             def reader(item: dict[str, Any]):
-                def read() -> Iterator[pa.Table]:
-                    for table in read_files(pa.Table.from_pylist([item]), fields, seed, validation_fraction):
-                        yield then(table) if then is not None else table
-                return read
+                return lambda: read_item(item, fields, seed, validation_fraction, then)
 
             return [ReadTask(reader(item), BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None,
                                                          input_files=(item["source"],)), schema=RECORD_SCHEMA)
@@ -389,13 +386,20 @@ def corpus_datasource(items: list[dict[str, Any]], fields, seed: int, validation
     return CorpusDatasource()
 
 
+def read_item(item: dict[str, Any], fields, seed: int, validation_fraction: float,
+              then: Callable[[pa.Table], pa.Table] | None = None) -> Iterator[pa.Table]:
+    """The blocks of one read task (a file or a byte range of one), each passed through `then`: what a Ray Data
+    read task yields, and what an input ingested in the calling process is made of."""
+    for table in read_files(pa.Table.from_pylist([item]), fields, seed, validation_fraction):
+        yield then(table) if then is not None else table
+
+
 def read_files(batch: pa.Table, fields, seed: int, validation_fraction: float) -> Iterator[pa.Table]:
     """Ray Data UDF: read each file of the batch (rows: file_index, source, format; optional start, end,
     first_line: one JSONL byte range of :func:`jsonl_ranges`, start -1 or absent = the whole file)."""
-    n = batch.num_rows
-    columns = [batch.column(c).to_pylist() if c in batch.column_names else [default] * n
-               for c, default in (("file_index", 0), ("source", ""), ("format", ""), ("start", -1), ("end", -1),
-                                  ("first_line", 1))]
+    columns = [batch.column(c).to_pylist() for c in ("file_index", "source", "format")]
+    columns += [batch.column(c).to_pylist() if c in batch.column_names else [default] * batch.num_rows
+                for c, default in (("start", -1), ("end", -1), ("first_line", 1))]
     for file_index, source, fmt, start, end, first_line in zip(*columns):
         out = _RowBuilder(file_index, source, fields, seed, validation_fraction)
         try:
