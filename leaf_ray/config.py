@@ -310,6 +310,11 @@ class DistillConfig(_Section):
     fail_at_step: int | None = Field(
         None, ge=1, description="TESTING ONLY: crash once after this optimizer step, on the first attempt."
     )
+    inline_max_rows: int = Field(
+        0, ge=0, description="A run of at most this many rows (train + validation) on one CPU worker, with an "
+        "online teacher, trains in the calling process: the same recipe, DeepSpeed engine, checkpoints (in "
+        "`<out>/checkpoints`, resumed by a rerun) and `max_failures` retries, no Ray Train worker group (whose "
+        "start costs ~15 s a run). 0 = always Ray Train.")
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     resources: TrainResources = Field(default_factory=TrainResources)
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
@@ -337,6 +342,10 @@ class GenerationConfig(_Section):
                     "max_model_len.",
     )
     pool: PoolConfig = Field(default_factory=PoolConfig)
+    inline_max_prompts: int = Field(
+        0, ge=0, description="A generation of at most this many prompts (an evaluation, say) runs in the calling "
+        "process, `pool.batch_size` prompts a batch, through the same backend: no actor to start. 0 = always "
+        "the actor pool.")
 
 
 class BenchmarkRef(_Section):

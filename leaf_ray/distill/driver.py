@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 from leaf_ray.config import LeafConfig
 from leaf_ray.console import FileProgress
 from leaf_ray.distill.data import VARIANT_SCOPES, DistillDataError, load_rows
+from leaf_ray.distill.inline import runs_inline, tokenize_table, train_inline
 from leaf_ray.distill.trainer import accumulation_steps, train_worker
 from leaf_ray.store import RunDir, check_same_spec, digest, exclusive_lock, write_json_atomic
 from leaf_ray.tracking import (
@@ -139,20 +140,35 @@ def _distill_locked(cfg: LeafConfig, variant: str, out_dir: Path, say, parent_ru
         f"{splits['validation'].num_rows} validation rows; {world} worker(s) × micro {dcfg.micro_batch_size} "
         f"× accumulation {accum} = global batch {dcfg.global_batch_size}")
 
-    # -- Ray Data: tokenise once (chat template, target masks), materialised for every worker to read
-    init_ray(cfg)
-    tokenized = tokenized_dataset(rows, cfg)
-    stats = dataset_stats(tokenized)
-    datasets = {name: tokenized.filter(expr=f"split == '{name}'").select_columns(WORKER_COLUMNS).materialize()
-                for name, table in splits.items() if table.num_rows}
-    if dcfg.teacher_mode == "topk_cache":
-        ensure_topk_cache(cfg, rows, say)
+    # -- tokenise once (chat template, target masks): here for a small run, else with Ray Data, materialised
+    # for every worker to read
+    inline = runs_inline(cfg, rows.num_rows)
+    if inline:
+        tokenized_rows = tokenize_table(rows, cfg)
+        stats = split_stats(tokenized_rows)
+    else:
+        init_ray(cfg)
+        tokenized = tokenized_dataset(rows, cfg)
+        stats = dataset_stats(tokenized)
+        datasets = {name: tokenized.filter(expr=f"split == '{name}'").select_columns(WORKER_COLUMNS).materialize()
+                    for name, table in splits.items() if table.num_rows}
+        if dcfg.teacher_mode == "topk_cache":
+            ensure_topk_cache(cfg, rows, say)
     if stats.get("train.truncated"):
         say(f"[yellow]{stats['train.truncated']} training rows truncated to data.max_length="
             f"{cfg.data.max_length}[/yellow]")
 
     # -- MLflow: the run is opened here; rank 0 logs per-step metrics into it
     tracking = start_tracking(cfg, variant, out_dir, parent_run_id, stats, counterfactuals)
+
+    if inline:  # the same recipe on one rank in this process (``inline.py``)
+        try:
+            with FileProgress(out_dir / "progress.json", f"distill [{variant}]", console):
+                train_inline(cfg, variant, out_dir, tokenized_rows, tracking)
+        except Exception:
+            end_stage_run(tracking, status="FAILED")
+            raise
+        return finish(tracking, json.loads((out_dir / "summary.json").read_text()))
 
     trainer = TorchTrainer(
         train_worker,
@@ -248,8 +264,14 @@ def dataset_stats(tokenized) -> dict[str, int]:
     """Row, token and truncation counts per split (logged to MLflow as ``data.*``)."""
     import ray
 
-    cols = ["split", "is_counterfactual", "length", "n_targets", "truncated"]
-    t = pa.concat_tables(ray.get(tokenized.select_columns(cols).to_arrow_refs()))
+    return split_stats(pa.concat_tables(ray.get(tokenized.select_columns(STATS_COLUMNS).to_arrow_refs())))
+
+
+STATS_COLUMNS = ["split", "is_counterfactual", "length", "n_targets", "truncated"]
+
+
+def split_stats(t: pa.Table) -> dict[str, int]:
+    """``dataset_stats`` of a tokenised table in memory."""
     out: dict[str, int] = {}
     for name in ("train", "validation"):
         part = t.filter(pc.equal(t.column("split"), name))

@@ -41,11 +41,13 @@ best-model export) must be shared storage, as Ray Train requires.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,11 +123,22 @@ def train_worker(config: dict) -> None:
     world = World(ctx.get_world_rank(), size, accumulation_steps(dcfg.global_batch_size, dcfg.micro_batch_size,
                                                                  size))
     # Every rank holds the whole tokenised split, in a stable order; the epoch plan picks its share.
-    recipe = DistillRecipe.setup(cfg, world, read_rows("train"), read_rows("validation"),
-                                 out_dir=Path(config["out_dir"]), variant=config["variant"],
-                                 tracking=config["tracking"], checkpoint=ray.train.get_checkpoint())
+    checkpoint = ray.train.get_checkpoint()
+    with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as ckpt_dir:
+        recipe = DistillRecipe.setup(cfg, world, read_rows("train"), read_rows("validation"),
+                                     out_dir=Path(config["out_dir"]), variant=config["variant"],
+                                     tracking=config["tracking"], checkpoint_dir=ckpt_dir and Path(ckpt_dir),
+                                     report=ray_train_report)
     recipe.train()
     recipe.export()
+
+
+def ray_train_report(metrics: dict[str, float], checkpoint_dir: Path, name: str) -> None:
+    """Hand a written checkpoint to Ray Train (it merges the ranks' files into the run's storage)."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(checkpoint_dir)), checkpoint_dir_name=name)
 
 
 def read_rows(split: str) -> TokenizedRows:
@@ -159,8 +172,10 @@ class DistillRecipe:
 
     def __init__(self, cfg: LeafConfig, world: World, *, engine, teacher, train_rows: TokenizedRows,
                  pad_id: int, val_rows: TokenizedRows | None = None, tokenizer=None, out_dir: Path | None = None,
-                 variant: str | None = None, logger=None):
+                 variant: str | None = None, logger=None,
+                 report: Callable[[dict[str, float], Path, str], None] | None = None):
         self.cfg, self.dcfg, self.world = cfg, cfg.distill, world
+        self.report = report or ray_train_report  # where a written checkpoint goes (Ray Train, or a local dir)
         self.engine, self.teacher, self.pad_id, self.tokenizer = engine, teacher, pad_id, tokenizer
         self.train_rows, self.val_rows = train_rows, val_rows if val_rows is not None else no_rows()
         self.out_dir, self.variant, self.logger = out_dir, variant, logger
@@ -172,7 +187,8 @@ class DistillRecipe:
 
     @classmethod
     def setup(cls, cfg: LeafConfig, world: World, train_rows: TokenizedRows, val_rows: TokenizedRows, *,
-              out_dir: Path, variant: str, tracking: dict[str, Any], checkpoint=None) -> DistillRecipe:
+              out_dir: Path, variant: str, tracking: dict[str, Any], checkpoint_dir: Path | None = None,
+              report: Callable[[dict[str, float], Path, str], None] | None = None) -> DistillRecipe:
         import torch.distributed as dist
 
         from leaf_ray.models import load_tokenizer
@@ -188,12 +204,12 @@ class DistillRecipe:
         teacher = build_teacher(cfg, world.size, world.accum, engine.device)
         recipe = cls(cfg, world, engine=engine, teacher=teacher, train_rows=train_rows, val_rows=val_rows,
                      pad_id=tokenizer.pad_token_id, tokenizer=tokenizer, out_dir=out_dir, variant=variant,
-                     logger=MetricLogger(tracking, pending_metrics_file(out_dir)) if world.rank == 0 else None)
+                     logger=MetricLogger(tracking, pending_metrics_file(out_dir)) if world.rank == 0 else None,
+                     report=report)
         recipe.inject_crash = inject_crash
         # -- resume
-        if checkpoint is not None:
-            with checkpoint.as_directory() as ckpt_dir:
-                recipe.restore_checkpoint(Path(ckpt_dir))
+        if checkpoint_dir is not None:
+            recipe.restore_checkpoint(checkpoint_dir)
         if world.rank == 0:
             prune_best_models(out_dir, keep=recipe.state.best_step)
         dist.barrier()
@@ -203,7 +219,7 @@ class DistillRecipe:
                   f"train / {len(val_rows)} validation rows, {recipe.total_steps} steps ({recipe.per_epoch} per "
                   f"epoch), {torch.get_num_threads()} torch thread(s)"
                   + (f"; resumed at step {state.step} (epoch {state.epoch}, {state.step_in_epoch} steps into it)"
-                     if checkpoint is not None else ""), flush=True)
+                     if checkpoint_dir is not None else ""), flush=True)
         return recipe
 
     # ---- train
@@ -341,17 +357,14 @@ class DistillRecipe:
     # ---- checkpoint
 
     def save_checkpoint(self, metrics: dict[str, float]) -> None:
-        """Every rank writes its DeepSpeed shard (+ RNG states) and reports it; Ray merges the ranks' files."""
-        import ray.train
-        from ray.train import Checkpoint
-
+        """Every rank writes its DeepSpeed shard (+ RNG states) and reports it (`self.report`: Ray Train merges
+        the ranks' files; an inline run keeps it in ``<out>/checkpoints``)."""
         step = self.state.step
         with tempfile.TemporaryDirectory(prefix="leaf-ray-ckpt-") as tmp:
             self.engine.save_checkpoint(tmp, tag=f"step{step:07d}", client_state={"leaf_ray": asdict(self.state)})
             torch.save(rng_states(), Path(tmp) / f"rng_rank{self.world.rank}.pt")
             report = {k: v for k, v in metrics.items() if isinstance(v, (int, float))} | {"step": step}
-            ray.train.report(report, checkpoint=Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=f"checkpoint-step{step:07d}")
+            self.report(report, Path(tmp), f"checkpoint-step{step:07d}")
 
     def restore_checkpoint(self, ckpt_dir: Path) -> None:
         """DeepSpeed weights, optimizer and LR scheduler; step and data position; this rank's RNG states."""
