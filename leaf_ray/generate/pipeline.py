@@ -3,7 +3,8 @@
 - `generate_dataset`: add a completion column to any Ray Dataset (`ActorPoolStrategy` from `generation.pool`).
 - `generate_teacher_responses`: teacher responses for `data/clean`, keeping only those whose final answer
   matches the reference; the rest are quarantined with reason "answer mismatch".
-- `generate_rows`: completions of a list of prompts (evaluation, cross-checks).
+- `generate_rows`: completions of a list of prompts (evaluation, cross-checks); a small list (`generation.inline_max_prompts`)
+  goes through the same UDF in the calling process.
 Judging an answer is `leaf_ray.evaluate.judge`'s.
 """
 
@@ -65,30 +66,49 @@ def generate_rows(cfg: LeafConfig, model_ref: ModelRef, prompts: list[str],
                   prefixes: list[str] | None = None, console=None, label: str = "generate") -> list[str]:
     """Completions for a Python list of instructions, in input order (through the actor pool); with a
     `console`, one progress line (rows/s, ETA) while they stream in."""
-    import ray.data
-
-    from leaf_ray.raycluster import init_ray
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     if not prompts:
         return []
-    init_ray(cfg)
     items = [{"gen_index": i, "prompt": p, "prefix": prefixes[i] if prefixes else ""}
              for i, p in enumerate(prompts)]
-    ds = generate_dataset(cfg, model_ref, ray.data.from_items(items), "prompt", "completion",
-                          prefix_col="prefix" if prefixes else None)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     rows = []
     with Progress(TextColumn(label, markup=False), BarColumn(bar_width=24), MofNCompleteColumn(),
                   TextColumn("{task.fields[rate]} rows/s ETA"), TimeRemainingColumn(), console=console,
                   disable=console is None) as progress:
         task = progress.add_task(label, total=len(items), rate="0.00")
-        for row in ds.select_columns(["gen_index", "completion"]).iter_rows():
+        for row in _completions(cfg, model_ref, items, bool(prefixes)):
             rows.append(row)
             elapsed = progress.tasks[0].elapsed or 0.0
             progress.update(task, advance=1, rate=f"{len(rows) / elapsed:.2f}" if elapsed else "0.00")
     rows.sort(key=lambda r: r["gen_index"])
     return [r["completion"] for r in rows]
+
+
+def _completions(cfg: LeafConfig, model_ref: ModelRef, items: list[dict], with_prefixes: bool):
+    """``{"gen_index", "completion"}`` per item as they are done: through the actor pool, or, for at most
+    ``generation.inline_max_prompts`` items, the same UDF called here batch by batch (no actor to start)."""
+    import pyarrow as pa
+
+    if len(items) <= cfg.generation.inline_max_prompts:
+        udf = GenerateUDF(model_ref.model_dump(), cfg.generation.model_dump(), cfg.run.seed, "prompt",
+                          "completion", prefix_col="prefix" if with_prefixes else None)
+        try:
+            size = cfg.generation.pool.batch_size
+            for start in range(0, len(items), size):
+                yield from udf(pa.Table.from_pylist(items[start:start + size])).select(
+                    ["gen_index", "completion"]).to_pylist()
+        finally:
+            udf.backend.close()
+        return
+    import ray.data
+
+    from leaf_ray.raycluster import init_ray
+
+    init_ray(cfg)
+    ds = generate_dataset(cfg, model_ref, ray.data.from_items(items), "prompt", "completion",
+                          prefix_col="prefix" if with_prefixes else None)
+    yield from ds.select_columns(["gen_index", "completion"]).iter_rows()
 
 
 # --------------------------------------------------------------------------- teacher responses
