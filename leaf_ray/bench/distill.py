@@ -16,8 +16,6 @@ with synthetic counterfactuals (:func:`leaf_ray.data.demo_corpus.write_synthetic
 
 from __future__ import annotations
 
-import os
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,20 +119,6 @@ class LoopTiming:
         return self.target_tokens / self.cpu_seconds
 
 
-def _init_single_process_group() -> None:
-    """DeepSpeed needs torch.distributed; one local gloo process is enough for a single-rank bench."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    dist.init_process_group("gloo", rank=0, world_size=1)
-
-
 def time_loops(cfg: LeafConfig, rows, *, steps: int, warmup: int) -> tuple[LoopTiming, LoopTiming]:
     """Both loops on the same rows and models, each from the same initial student weights.
 
@@ -142,10 +126,11 @@ def time_loops(cfg: LeafConfig, rows, *, steps: int, warmup: int) -> tuple[LoopT
     during the bench slows both alike; wall-clock and process CPU seconds are both recorded."""
     from leaf_ray.distill.data import plan_epoch
     from leaf_ray.distill.engines import build_student, build_teacher
+    from leaf_ray.distill.inline import local_process_group
     from leaf_ray.distill.trainer import DistillRecipe, World, accumulation_steps
     from leaf_ray.models import load_tokenizer
 
-    _init_single_process_group()
+    local_process_group()  # DeepSpeed needs torch.distributed: one local gloo rank
     dcfg = cfg.distill
     micro = dcfg.micro_batch_size
     accum = accumulation_steps(dcfg.global_batch_size, micro, 1)

@@ -77,9 +77,11 @@ class LocalCheckpoints:
 
 
 def local_process_group() -> None:
-    """A gloo group of one rank in this process (DeepSpeed needs one); kept for the next inline run."""
+    """A gloo group of one rank in this process (DeepSpeed needs one; its CPU accelerator); kept for the
+    next inline run."""
     import torch.distributed as dist
 
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if dist.is_initialized():
         if dist.get_world_size() != 1:
             raise RuntimeError("an inline distillation needs a process group of one rank; this process is in a "
@@ -111,7 +113,6 @@ def train_inline(cfg: LeafConfig, variant: str, out_dir: Path, tokenized: pa.Tab
     from leaf_ray.distill.trainer import DistillRecipe, World, accumulation_steps, no_rows
 
     dcfg = cfg.distill
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     local_process_group()
     world = World(0, 1, accumulation_steps(dcfg.global_batch_size, dcfg.micro_batch_size, 1))
     splits = {}
