@@ -268,6 +268,52 @@ def test_sigkill_of_the_driver_then_the_same_command_resumes(baseline, tiny_pair
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sigkill_of_an_in_process_run_then_the_same_command_resumes(baseline, tiny_pair, tmp_path):
+    """distill.inline_max_rows: the run trains in the `leaf-ray distill` process itself; SIGKILL it once its
+    step-2 checkpoint is in <out>/checkpoints, run the same command: it resumes there, every step logged
+    once from step 2 on, and ends with the uninterrupted student."""
+    from typer.testing import CliRunner
+
+    from leaf_ray.cli import app
+
+    base_cfg, base = baseline
+    cfg = make_cfg(tmp_path, tiny_pair, "inline-kill", resources={"num_workers": 1, "cpus_per_worker": 0.5},
+                   inline_max_rows=64)
+    out = cfg.run.dir / "distill" / "leaf_instr"
+    config_file = cfg.run.dir / "config.yaml"
+    config_file.write_text(cfg.to_yaml())
+    log = tmp_path / "driver.log"
+    with open(log, "w") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "leaf_ray.cli", "distill", "--config", str(config_file)],
+                                env=dict(os.environ, RAY_AUTH_MODE="disabled"), stdout=log_file,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "checkpoints" / "checkpoint-step0000002").is_dir():  # renamed in whole
+            assert proc.poll() is None, f"distill exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "no step-2 checkpoint within 240 s"
+            time.sleep(0.002)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "summary.json").exists(), "the kill must land before the run finished"
+    assert "ray" not in {p.name for p in out.iterdir()}  # it never started Ray Train
+
+    again = CliRunner().invoke(app, ["distill", "--config", str(config_file)])  # the same command
+    assert again.exit_code == 0, again.output
+    result = distill(cfg)  # now complete: returns the run without training
+    assert result.steps == STEPS
+    steps = loss_steps(cfg, result.mlflow_run_id)
+    assert set(steps) == set(range(1, STEPS + 1)) and steps.count(1) == 1 and steps.count(2) == 1
+    assert_curves_match(cfg, result, base_cfg, base, rel=1e-4)
+    assert_same_student(result, base)
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(500)
 def test_tracking_server_stopped_mid_run_never_stops_training(baseline, tiny_pair, tmp_path, caplog):
     from mlflow import MlflowClient

@@ -262,3 +262,70 @@ def test_target_position_teacher_gives_the_full_teacher_loss(tiny_pair):
         losses.append((float(kl.loss.detach()), grad))
     assert losses[0][0] == pytest.approx(losses[1][0], rel=1e-5)
     assert torch.allclose(losses[0][1], losses[1][1], atol=1e-6)
+
+
+# ---- a small run in the calling process (distill.inline_max_rows, leaf_ray/distill/inline.py)
+
+INLINE = dict(resources={"num_workers": 1, "cpus_per_worker": 0.5}, inline_max_rows=64)
+
+
+def assert_same_weights(result, base):
+    got, want = exported_weights(result), exported_weights(base)
+    assert got.keys() == want.keys()
+    for name in want:
+        assert (got[name] - want[name]).abs().max() < 1e-4, name
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    import leaf_ray.raycluster
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a small distillation must not start or use Ray")
+
+    monkeypatch.setattr(leaf_ray.raycluster, "init_ray", refuse)
+
+
+@pytest.mark.slow
+def test_a_small_run_trains_in_process_with_the_ray_train_curve_and_student(baseline, tiny_pair, tmp_path, no_ray):
+    """The same recipe on one rank here, no Ray: 1 worker × 2 accumulation steps runs the baseline's
+    micro-batches per optimizer step, so its curve and exported student are the baseline's; checkpoints are
+    kept in <out>/checkpoints (the newest keep_checkpoints); a rerun returns the finished run."""
+    base_cfg, base = baseline
+    cfg = make_cfg(tmp_path, tiny_pair, "inline", **INLINE)
+    result = distill(cfg)
+    assert result.steps == STEPS and result.best_step == base.best_step
+    assert_curves_match(cfg, result, base_cfg, base, rel=1e-4)
+    assert_same_weights(result, base)
+    out = result.export_dir.parent
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-step0000002",
+                                                                     "checkpoint-step0000004"]
+    assert (out / "checkpoints" / "checkpoint-step0000004" / "latest").read_text() == "step0000004"
+    assert not (out / "ray").exists()
+    assert distill(cfg).mlflow_run_id == result.mlflow_run_id  # complete: returned without training
+    # over the limit, the same config goes to Ray Train (which the fixture refuses here)
+    bigger = make_cfg(tmp_path, tiny_pair, "not-inline", **{**INLINE, "inline_max_rows": 5})
+    with pytest.raises(AssertionError, match="must not start or use Ray"):
+        distill(bigger)
+
+
+@pytest.mark.slow
+def test_a_failed_in_process_attempt_is_retried_from_its_checkpoint(baseline, tiny_pair, tmp_path, no_ray):
+    """distill.max_failures in-process: the attempt that crashed after step 3 is retried from the step-2
+    checkpoint; step 3 is logged twice with the same loss, and the run ends as the uninterrupted one."""
+    base_cfg, base = baseline
+    cfg = make_cfg(tmp_path, tiny_pair, "inline-crash", fail_at_step=3, **INLINE)
+    result = distill(cfg)
+    from mlflow import MlflowClient
+
+    from leaf_ray.tracking import tracking_uri
+
+    raw = MlflowClient(tracking_uri(cfg)).get_metric_history(result.mlflow_run_id, "loss")
+    assert sorted(m.step for m in raw) == [1, 2, 3, 3, 4]
+    reruns = [m.value for m in raw if m.step == 3]
+    assert reruns[0] == pytest.approx(reruns[1], rel=1e-5)
+    assert_curves_match(cfg, result, base_cfg, base, rel=1e-4)
+    assert_same_weights(result, base)
+    no_retry = make_cfg(tmp_path, tiny_pair, "inline-no-retry", fail_at_step=3, max_failures=0, **INLINE)
+    with pytest.raises(RuntimeError, match="injected crash"):
+        distill(no_retry)
