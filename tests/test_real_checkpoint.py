@@ -1,8 +1,8 @@
 """A real shipped checkpoint: SmolLM2-135M-Instruct (GGUF, tied embeddings, ChatML with a default system
 prompt), loaded through `models.*.gguf_file` like a user's checkpoint, on the way through the whole chain:
 ingest -> detect (SmolLM2 teacher, tiny student with its own tokenizer: the cross-tokenizer projection on a
-real tokenizer) -> distillation steps (a tied-embedding student on SmolLM2's tokenizer, ZeRO 0 and 3) ->
-greedy generation through the Ray Data actor pool.
+real tokenizer) -> distillation steps (a tied-embedding student on SmolLM2's tokenizer, ZeRO 0 and 3 on Ray
+Train, and ZeRO 0 in the calling process) -> greedy generation through the Ray Data actor pool and in process.
 """
 
 from __future__ import annotations
@@ -191,7 +191,27 @@ def test_real_checkpoint_chain(ray_local, smollm2, tiny_pair, tmp_path, capsys):
     assert exported.get_output_embeddings().weight.data_ptr() == exported.get_input_embeddings().weight.data_ptr()
     assert not torch.equal(exported.get_input_embeddings().weight, student.get_input_embeddings().weight)
 
-    # Greedy generation through the actor pool, with the real checkpoint
-    answers = generate_rows(cfg, cfg.models.teacher, ["What is the capital of France?", INJECTED])
+    # The same ZeRO-0 run in this process (distill.inline_max_rows: one rank × 4 accumulation steps = the
+    # two workers' micro-batches per step): the same student, with the real teacher and tokenizer.
+    run_tree["run"]["name"] = "real-inline"
+    run_tree["distill"].update(deepspeed={"zero_stage": 0}, inline_max_rows=64,
+                               resources={"num_workers": 1, "cpus_per_worker": 0.5})
+    inline_cfg = config_from_dict(run_tree, "test")
+    for part in ("data", "detect"):
+        shutil.copytree(cfg.run.dir / part, inline_cfg.run.dir / part)
+    inline = run_distillation(inline_cfg, variant="leaf_instr")
+    assert inline.steps == 3 and not (inline.export_dir.parent / "ray").exists()
+    assert inline.best_val_loss == pytest.approx(results[0].best_val_loss, rel=2e-3)
+    inline_weights = load_file(str(inline.export_dir / "model.safetensors"))
+    for name in weights[0]:
+        assert (inline_weights[name] - weights[0][name]).abs().max() < 1e-4, name
+
+    # Greedy generation through the actor pool, with the real checkpoint; and in this process
+    # (generation.inline_max_prompts): the same answers
+    prompts = ["What is the capital of France?", INJECTED]
+    answers = generate_rows(cfg, cfg.models.teacher, prompts)
     assert "Paris" in answers[0], answers
     assert answers[1].strip(), answers
+    in_process = cfg.model_copy(deep=True)
+    in_process.generation.inline_max_prompts = len(prompts)
+    assert generate_rows(in_process, in_process.models.teacher, prompts) == answers
