@@ -178,6 +178,38 @@ def test_prepare_smoke_models_load_back_and_generate(tmp_path):
     assert again.cached and again.info == info
 
 
+def test_prepared_models_are_cached_for_the_machine_and_reused_by_another_run_directory(tmp_path, monkeypatch):
+    """bench.focus.models_cache: what one run directory trained is put there whole under its key; another run
+    directory with the same recipe copies it instead of training; another recipe trains (and is cached)."""
+    import leaf_ray.bench.focus_prepare as focus_prepare
+    from leaf_ray.config import config_from_dict
+
+    tiny = {"hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 1,
+            "num_key_value_heads": 1}
+    focus = config_from_dict({"bench": {"focus": {
+        "models_cache": str(tmp_path / "cache"), "sizes": {"prepare": 32, "train": 8, "validation": 4, "test": 4},
+        "prepare": {"steps": 2, "batch_size": 8, "teacher": tiny, "student": tiny, "check_size": 2,
+                    "torch_threads": 1}}}}, "test").bench.focus
+    first = focus_prepare.prepare_models(focus, tmp_path / "run-a" / "models")
+    key = focus_prepare.prepare_key(focus)
+    assert not first.cached and sorted(p.name for p in (tmp_path / "cache").iterdir()) == [key]
+    assert json.loads((tmp_path / "cache" / key / "prepare.json").read_text()) == first.info
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the cached models must be copied, not trained again")
+
+    monkeypatch.setattr(focus_prepare, "train_response_lm", no_training)
+    second = focus_prepare.prepare_models(focus, tmp_path / "run-b" / "models")
+    assert second.cached and second.info == first.info
+    for role in ("teacher", "student"):
+        a = (tmp_path / "run-a" / "models" / role / "model.safetensors").read_bytes()
+        assert (tmp_path / "run-b" / "models" / role / "model.safetensors").read_bytes() == a
+    other = focus.model_copy(deep=True)
+    other.prepare.seed = 5
+    with pytest.raises(AssertionError, match="copied, not trained again"):
+        focus_prepare.prepare_models(other, tmp_path / "run-c" / "models")
+
+
 def test_the_shipped_demo_models_are_the_demo_recipe_and_are_taken_whole(tmp_path):
     """`make demo` starts from the shipped prepared models: they must be the ones configs/demo.yaml asks for
     (else the demo would silently train others), and they are copied whole into the run directory."""

@@ -96,6 +96,10 @@ class FocusBenchConfig(_Section):
     quick_variants: list[FocusVariant] = Field(default_factory=lambda: ["kd", "leaf_instr", "oracle", "random_span"])
     attention_samples: int = Field(200, ge=1, description="Test problems for the attention measurement.")
     heatmaps: int = Field(4, ge=0, description="Detection heatmaps logged to MLflow.")
+    models_cache: str | None = Field(
+        None, description="Prepared models by recipe key (`<dir>/<key>/`), shared by the run directories of "
+        "this machine: `--prepare` copies them from there instead of training, and puts what it trains there. "
+        "null = the run directory only (and the shipped demo models).")
 
 
 class BenchConfig(_Section):

@@ -211,9 +211,10 @@ def run_focus_bench(cfg: LeafConfig, *, prepare: bool = False, console: "Console
 
 
 def settings_of(cfg: LeafConfig) -> dict[str, Any]:
-    """What the results in a bench run directory depend on (everything but the seed count)."""
+    """What the results in a bench run directory depend on (everything but the seed count and where the
+    prepared models are cached)."""
     tree = cfg.dump()
-    tree["bench"]["focus"] = {k: v for k, v in tree["bench"]["focus"].items() if k != "seeds"}
+    tree["bench"]["focus"] = {k: v for k, v in tree["bench"]["focus"].items() if k not in ("seeds", "models_cache")}
     tree.pop("ray", None)
     return tree
 

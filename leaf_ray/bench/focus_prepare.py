@@ -90,7 +90,9 @@ def prepare_models(focus: "FocusBenchConfig", out_dir: str | Path, *, console: "
                    force: bool = False, shipped: Path | None = SHIPPED_DIR) -> PreparedModels:
     """Train (or reuse) `out_dir/teacher` and `out_dir/student` by the recipe in the module docstring.
 
-    Reuse: `out_dir` already holds the models of this key, or `shipped` does (copied into `out_dir` first)."""
+    Reuse: `out_dir` already holds the models of this key, or `shipped` does, or the machine's cache
+    (`focus.models_cache`/<key>) does (copied into `out_dir` first). Models trained here are put in that cache
+    too, so another run directory (`--quick`, another run.name) does not train them again."""
     import torch
 
     from leaf_ray.bench.focus_task import clean_view, make_task
@@ -100,15 +102,12 @@ def prepare_models(focus: "FocusBenchConfig", out_dir: str | Path, *, console: "
     out = Path(out_dir)
     marker = out / "prepare.json"
     key = prepare_key(focus)
-    if not force and not _holds(out, key) and shipped is not None and _holds(shipped, key):
-        staging = out.with_name(out.name + ".tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(shipped, staging)
-        shutil.rmtree(out, ignore_errors=True)
-        staging.rename(out)  # whole or absent: a copy cut short is not taken for the models
-        if console is not None:
-            console.print(f"prepared models: the shipped ones of this recipe ({shipped}, key {key})",
-                          highlight=False)
+    cache = Path(focus.models_cache).expanduser() / key if focus.models_cache else None
+    for source, what in ((shipped, "the shipped ones of this recipe"), (cache, "this machine's cached ones")):
+        if not force and not _holds(out, key) and source is not None and _holds(source, key):
+            copy_whole(source, out)
+            if console is not None:
+                console.print(f"prepared models: {what} ({source}, key {key})", highlight=False)
     if marker.is_file() and not force and _holds(out, key):
         return PreparedModels(out / "teacher", out / "student", json.loads(marker.read_text()), cached=True)
     started = time.monotonic()
@@ -159,7 +158,20 @@ def prepare_models(focus: "FocusBenchConfig", out_dir: str | Path, *, console: "
             f"{100 * acc['accuracy_clean']:.1f}% without")
     info["seconds"] = round(time.monotonic() - started, 1)
     marker.write_text(json.dumps(info, indent=2))
+    if cache is not None:
+        copy_whole(out, cache)
+        say(f"prepared models cached for this machine in {cache}")
     return PreparedModels(out / "teacher", out / "student", info)
+
+
+def copy_whole(source: Path, target: Path) -> None:
+    """`target` becomes a copy of `source`, whole or absent: a copy cut short is not taken for the models."""
+    staging = target.with_name(target.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(source, staging)
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
 
 
 def tokenize_examples(tokenizer, rows: list[dict]) -> list[tuple[list[int], list[int]]]:
