@@ -3,6 +3,9 @@
     rows (originals + counterfactuals, ``data.load_rows``) ─► Ray Data tokenise ─► MLflow run opened ─►
     TorchTrainer(``trainer.train_worker`` on every rank) ─► summary, MLflow run finished
 
+A small run (``distill.inline_max_rows``) tokenises and trains the same recipe in this process instead
+(``inline.py``), without Ray.
+
 A rerun of the same command resumes the run in ``<run dir>/distill/<variant>/`` (or returns it when finished);
 the store's spec guard refuses one with another spec. What every rank does is ``trainer.py``.
 """
@@ -79,12 +82,6 @@ def run_distillation(cfg: LeafConfig, *, variant: str | None = None, console=Non
 def _distill_locked(cfg: LeafConfig, variant: str, out_dir: Path, say, parent_run_id: str | None,
                     console=None) -> DistillResult:
     """`run_distillation` under the output directory's lock."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from leaf_ray.distill.topk_cache import ensure_topk_cache
-    from leaf_ray.raycluster import init_ray
-
     dcfg = cfg.distill
 
     # -- rows: originals (+ counterfactuals), split by the originals' split
@@ -147,6 +144,9 @@ def _distill_locked(cfg: LeafConfig, variant: str, out_dir: Path, say, parent_ru
         tokenized_rows = tokenize_table(rows, cfg)
         stats = split_stats(tokenized_rows)
     else:
+        from leaf_ray.distill.topk_cache import ensure_topk_cache
+        from leaf_ray.raycluster import init_ray
+
         init_ray(cfg)
         tokenized = tokenized_dataset(rows, cfg)
         stats = dataset_stats(tokenized)
@@ -161,19 +161,28 @@ def _distill_locked(cfg: LeafConfig, variant: str, out_dir: Path, say, parent_ru
     # -- MLflow: the run is opened here; rank 0 logs per-step metrics into it
     tracking = start_tracking(cfg, variant, out_dir, parent_run_id, stats, counterfactuals)
 
-    if inline:  # the same recipe on one rank in this process (``inline.py``)
-        try:
-            with FileProgress(out_dir / "progress.json", f"distill [{variant}]", console):
+    try:
+        with FileProgress(out_dir / "progress.json", f"distill [{variant}]", console):
+            if inline:  # the same recipe on one rank in this process (``inline.py``)
                 train_inline(cfg, variant, out_dir, tokenized_rows, tracking)
-        except Exception:
-            end_stage_run(tracking, status="FAILED")
-            raise
-        return finish(tracking, json.loads((out_dir / "summary.json").read_text()))
+            else:
+                torch_trainer(cfg, variant, out_dir, datasets, tracking).fit()
+    except Exception:
+        end_stage_run(tracking, status="FAILED")
+        raise
+    return finish(tracking, json.loads((out_dir / "summary.json").read_text()))
 
-    trainer = TorchTrainer(
+
+def torch_trainer(cfg: LeafConfig, variant: str, out_dir: Path, datasets: dict, tracking: dict[str, Any]):
+    """Ray Train's ``TorchTrainer`` running :func:`train_worker` on ``distill.resources`` workers."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    dcfg = cfg.distill
+    return TorchTrainer(
         train_worker,
         train_loop_config={"cfg": cfg.dump(), "variant": variant, "out_dir": str(out_dir), "tracking": tracking},
-        scaling_config=ScalingConfig(num_workers=world, use_gpu=dcfg.resources.use_gpu,
+        scaling_config=ScalingConfig(num_workers=dcfg.resources.num_workers, use_gpu=dcfg.resources.use_gpu,
                                      resources_per_worker=worker_resources(cfg)),
         torch_config=TorchConfig(backend="nccl" if dcfg.resources.use_gpu else "gloo"),
         datasets=datasets,
@@ -185,13 +194,6 @@ def _distill_locked(cfg: LeafConfig, variant: str, out_dir: Path, say, parent_ru
                              failure_config=FailureConfig(max_failures=dcfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=dcfg.keep_checkpoints)),
     )
-    try:
-        with FileProgress(out_dir / "progress.json", f"distill [{variant}]", console):
-            trainer.fit()
-    except Exception:
-        end_stage_run(tracking, status="FAILED")
-        raise
-    return finish(tracking, json.loads((out_dir / "summary.json").read_text()))
 
 
 def variant_config(cfg: LeafConfig, variant: str) -> LeafConfig:
