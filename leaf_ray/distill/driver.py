@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 from leaf_ray.config import LeafConfig
 from leaf_ray.console import FileProgress
 from leaf_ray.distill.data import VARIANT_SCOPES, DistillDataError, load_rows
-from leaf_ray.distill.inline import runs_inline, tokenize_table, train_inline
+from leaf_ray.distill.inline import runs_inline, train_inline
 from leaf_ray.distill.trainer import accumulation_steps, train_worker
 from leaf_ray.store import RunDir, check_same_spec, digest, exclusive_lock, write_json_atomic
 from leaf_ray.tracking import (
@@ -253,13 +253,24 @@ def tokenized_dataset(table, cfg: LeafConfig):
 
     from leaf_ray.distill.data import TokenizeBatch
 
-    ref = cfg.models.student
-    tok_ref = {"path": ref.path, "tokenizer_path": ref.tokenizer_path, "gguf_file": ref.gguf_file}
     ds = ray.data.from_arrow(table).map_batches(
-        TokenizeBatch, fn_constructor_kwargs={"tokenizer_ref": tok_ref, "max_length": cfg.data.max_length},
+        TokenizeBatch, fn_constructor_kwargs={"tokenizer_ref": tokenizer_ref(cfg), "max_length": cfg.data.max_length},
         batch_format="pyarrow", batch_size=256, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=1),
         num_cpus=0.5)
     return ds.select_columns(WORKER_COLUMNS + ["split", "length", "n_targets", "truncated"]).materialize()
+
+
+def tokenizer_ref(cfg: LeafConfig) -> dict[str, str | None]:
+    """The student's tokenizer as ``TokenizeBatch`` loads it."""
+    ref = cfg.models.student
+    return {"path": ref.path, "tokenizer_path": ref.tokenizer_path, "gguf_file": ref.gguf_file}
+
+
+def tokenize_table(rows: pa.Table, cfg: LeafConfig) -> pa.Table:
+    """:func:`tokenized_dataset`'s pass, done here on the whole table (a small run, ``inline.py``)."""
+    from leaf_ray.distill.data import TokenizeBatch
+
+    return TokenizeBatch(tokenizer_ref(cfg), cfg.data.max_length)(rows)
 
 
 def dataset_stats(tokenized) -> dict[str, int]:

@@ -43,18 +43,13 @@ def runs_inline(cfg: LeafConfig, n_rows: int) -> bool:
             and not dcfg.resources.use_gpu and dcfg.teacher_mode != "topk_cache")
 
 
-def tokenize_table(rows: pa.Table, cfg: LeafConfig) -> pa.Table:
-    """The Ray Data tokenise pass of the driver (``TokenizeBatch``), done here on the whole table."""
-    from leaf_ray.distill.data import TokenizeBatch
-
-    ref = cfg.models.student
-    return TokenizeBatch({"path": ref.path, "tokenizer_path": ref.tokenizer_path, "gguf_file": ref.gguf_file},
-                         cfg.data.max_length)(rows)
+def whole_checkpoints(directory: Path) -> list[Path]:
+    """The whole checkpoints, oldest first (staging directories start with a dot and are not matched)."""
+    return sorted(p for p in directory.glob("checkpoint-step*") if p.is_dir())
 
 
 def latest_checkpoint(directory: Path) -> Path | None:
-    """The newest whole checkpoint (staging directories start with a dot and are ignored)."""
-    done = sorted(p for p in directory.glob("checkpoint-step*") if p.is_dir())
+    done = whole_checkpoints(directory)
     return done[-1] if done else None
 
 
@@ -72,7 +67,7 @@ class LocalCheckpoints:
         final = self.directory / name
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
-        for old in sorted(p for p in self.directory.glob("checkpoint-step*") if p.is_dir())[:-self.keep]:
+        for old in whole_checkpoints(self.directory)[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
 
 
