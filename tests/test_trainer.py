@@ -266,7 +266,7 @@ def test_target_position_teacher_gives_the_full_teacher_loss(tiny_pair):
 
 # ---- a small run in the calling process (distill.inline_max_rows, leaf_ray/distill/inline.py)
 
-INLINE = dict(resources={"num_workers": 1, "cpus_per_worker": 0.5}, inline_max_rows=64)
+INLINE = {"resources": {"num_workers": 1, "cpus_per_worker": 0.5}, "inline_max_rows": 64}
 
 
 def assert_same_weights(result, base):
@@ -274,16 +274,6 @@ def assert_same_weights(result, base):
     assert got.keys() == want.keys()
     for name in want:
         assert (got[name] - want[name]).abs().max() < 1e-4, name
-
-
-@pytest.fixture
-def no_ray(monkeypatch):
-    import leaf_ray.raycluster
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a small distillation must not start or use Ray")
-
-    monkeypatch.setattr(leaf_ray.raycluster, "init_ray", refuse)
 
 
 @pytest.mark.slow
