@@ -270,6 +270,10 @@ class TrainResources(_Section):
     gpus_per_worker: float = Field(0.0, ge=0.0)
     resources: dict[str, float] = Field(default_factory=dict)
     torch_threads: int | None = Field(None, ge=1, description="torch threads per worker (null = Ray's default).")
+    collective_timeout_s: float = Field(
+        1800.0, gt=0.0, description="Timeout of the workers' process group (Ray Train's TorchConfig.timeout_s): a "
+                                    "collective that waits longer (a hung or dead rank) fails the attempt, which is "
+                                    "retried from the last checkpoint (`distill.max_failures`).")
 
 
 class DistillConfig(_Section):

@@ -154,9 +154,11 @@ def compute_precision(precision: str, *, on_cpu: bool, force: bool = False) -> s
     return {v: k for k, v in PRECISIONS.items()}[dtype]
 
 
-def load_model(ref: ModelRef, *, device_map=None, max_memory=None, dtype: str | None = None) -> PreTrainedModel:
+def load_model(ref: ModelRef, *, device_map=None, max_memory=None, dtype: str | None = None,
+               device: str | None = None) -> PreTrainedModel:
     """`ref`'s model from local disk. Its dtype is `dtype` (or `ref.dtype`), through :func:`compute_dtype`
-    when it will run on a CPU (no `device_map` and no visible GPU)."""
+    when it will run on a CPU: `device` "cpu" (a CPU actor on a GPU node too), or, when `device` is not given,
+    no `device_map` and no visible GPU."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -164,7 +166,7 @@ def load_model(ref: ModelRef, *, device_map=None, max_memory=None, dtype: str | 
         path = converted_gguf_dir(ref)
     else:
         path = resolve_local_path(ref.path, "model")
-    on_cpu = device_map is None and not torch.cuda.is_available()
+    on_cpu = device == "cpu" if device is not None else device_map is None and not torch.cuda.is_available()
     dtype = compute_dtype(dtype or ref.dtype, on_cpu=on_cpu, force=ref.force_dtype, what=f"model {ref.path}")
     kwargs = {"local_files_only": True, "dtype": getattr(torch, dtype)}
     if device_map is not None:

@@ -8,7 +8,9 @@ from pathlib import Path
 
 from leaf_ray.config import LeafConfig, ModelRef
 
-RUNTIME_ENV_VARS = {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+# No DS_ACCELERATOR here: every process that builds a DeepSpeed engine chooses it from its own device
+# (leaf_ray.distributed.deepspeed_accelerator); a fixed "cpu" made GPU workers build CPU engines.
+RUNTIME_ENV_VARS = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
                     "TRANSFORMERS_OFFLINE": "1"}
 
 

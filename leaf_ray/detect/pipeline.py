@@ -150,8 +150,10 @@ def run_detection(cfg: LeafConfig, *, console: Console | None = None) -> DetectR
     for d in (paths.scores, stream_cf_dir, paths.quarantine):
         d.mkdir(parents=True, exist_ok=True)
     # A small job runs in this process (below): it neither imports Ray (~0.7 s) nor switches its progress bars.
+    # Pools that ask for GPUs run here only where this process sees CUDA (else on the cluster's GPU actors).
     inline = (0 < len(sample_ids) <= det.inline_max_samples and not det.selection and not det.verification
-              and det.teacher_pool.mode != "sharded")
+              and det.teacher_pool.mode != "sharded" and (torch_cuda_available() or not any(
+                  pool.num_gpus for pool in (det.student_pool, det.teacher_pool))))
     with exclusive_lock(paths.lock, lambda: DetectionError(f"{paths.root}: another detection run is writing "
                                                            "here")), \
             contextlib.nullcontext() if inline else ray_progress_bars_off(console):
@@ -376,3 +378,9 @@ def write_manifest(cfg: LeafConfig, paths: DetectPaths, report: DetectReport, cl
     }
     write_json_atomic(paths.manifest, manifest)
     return manifest
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

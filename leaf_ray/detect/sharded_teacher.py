@@ -152,17 +152,18 @@ def _compute_device(model) -> torch.device:
 
 
 class GangRank(SaliencyScorer):
-    """One rank of a gang (a Ray actor): joins the gang's process group (nccl on a GPU, gloo on CPU), loads the
+    """One rank of a gang (a Ray actor): joins the gang's process group (nccl on its GPU, gloo on CPU), loads the
     teacher, shards it (:func:`shard_frozen_teacher`) and scores the slices it is given exactly like
     `SaliencyScorer` (own tokenizer, quarantine of non-finite scores), with one sharded pass per call: a
     slice with nothing to score runs :func:`dummy_batch`."""
 
     def __init__(self, rank: int, world_size: int, model: dict, *, dtype: str, own_tokenizer: bool,
-                 fail_at_batch: int | None = None):
+                 fail_at_batch: int | None = None, num_gpus: float = 0.0):
         from leaf_ray.config import ModelRef
         from leaf_ray.raycluster import cached_tokenizer
 
         self.rank, self.world_size, self.model_kwargs, self.dtype = rank, world_size, model, dtype
+        self.num_gpus = num_gpus
         self.role, self.gradient_checkpointing = "teacher", False
         ref = ModelRef(**model)
         self.tokenizer = cached_tokenizer(ref.model_dump_json()) if own_tokenizer else None
@@ -180,22 +181,20 @@ class GangRank(SaliencyScorer):
 
     def join(self, init_method: str, timeout_s: float) -> tuple[int, int]:
         """Join the gang and shard the teacher; returns (parameters held here, parameters of the model)."""
-        from datetime import timedelta
-
-        import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
 
         from leaf_ray.config import ModelRef
+        from leaf_ray.distributed import init_group, ray_actor_device
         from leaf_ray.models import load_model
 
-        gpu = torch.cuda.is_available()
-        if gpu:
-            torch.cuda.set_device(0)  # Ray shows each rank its own GPU
-        dist.init_process_group("nccl" if gpu else "gloo", init_method=init_method, rank=self.rank,
-                                world_size=self.world_size, timeout=timedelta(seconds=timeout_s))
-        mesh = init_device_mesh("cuda" if gpu else "cpu", (self.world_size,))
-        # Loaded on CPU, then each FSDP unit is moved to the GPU as it is sharded.
-        self.model = shard_frozen_teacher(load_model(ModelRef(**self.model_kwargs), dtype=self.dtype), mesh)
+        # The GPU Ray gave this rank (CUDA_VISIBLE_DEVICES narrowed to it), else the CPU: a rank's device comes
+        # from its resources, never from what it happens to see.
+        device = ray_actor_device(self.num_gpus)
+        init_group(device, rank=self.rank, world_size=self.world_size, init_method=init_method, timeout_s=timeout_s)
+        mesh = init_device_mesh(device.type, (self.world_size,))
+        # Loaded on CPU, then each FSDP unit is moved to the mesh's device as it is sharded.
+        model = load_model(ModelRef(**self.model_kwargs), dtype=self.dtype, device=device.type)
+        self.model = shard_frozen_teacher(model, mesh)
         return local_parameter_numel(self.model)
 
     def pid(self) -> int:
@@ -257,7 +256,8 @@ class GangTeacherScorer:
             resources={k: v for k, v in bundle.items() if k not in ("CPU", "GPU")},
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r),
         ).remote(r, self.world_size, self.model, dtype=self.dtype, own_tokenizer=self.own_tokenizer,
-                 fail_at_batch=fail if r == self.world_size - 1 else None) for r in range(self.world_size)]
+                 fail_at_batch=fail if r == self.world_size - 1 else None, num_gpus=bundle.get("GPU", 0))
+            for r in range(self.world_size)]
         init_method = ray.get(self.ranks[0].address.remote())
         self.held = self._all([rank.join.remote(init_method, self.timeout_s) for rank in self.ranks])
 

@@ -127,6 +127,27 @@ def tokenizers_match(student: ModelRef, teacher: ModelRef) -> bool:
 # --------------------------------------------------------------------------- saliency (actor pools)
 
 
+def gpu_max_memory(max_memory_per_gpu: str | None) -> dict:
+    """``device_map="auto"``'s budget: every visible GPU (capped at ``max_memory_per_gpu`` when set) and no CPU
+    memory, so a teacher that does not fit fails to load instead of being offloaded to the CPU, where its
+    layers would run each pass at CPU speed."""
+    import torch
+
+    budget: dict = {i: max_memory_per_gpu or torch.cuda.mem_get_info(i)[1] for i in range(torch.cuda.device_count())}
+    budget["cpu"] = 0
+    return budget
+
+
+def check_on_gpus(model, role: str) -> None:
+    """A ``device_map`` model must be entirely on GPUs: name the modules placed elsewhere."""
+    elsewhere = {name: where for name, where in (getattr(model, "hf_device_map", None) or {}).items()
+                 if isinstance(where, str) and where in ("cpu", "disk", "meta")}
+    if elsewhere:
+        raise ValueError(f"the {role} does not fit its GPUs: {sorted(elsewhere)[:5]} placed on "
+                         f"{sorted(set(elsewhere.values()))}; raise detection.{role}_pool.num_gpus or "
+                         f"max_memory_per_gpu, or use detection.teacher_pool.mode=sharded")
+
+
 class SaliencyScorer:
     """A Ray Data actor holding one model; adds `<role>_grad_norm` (raw norms of the student's scored tokens)
     and `<role>_loss` to each batch of units.
@@ -142,17 +163,18 @@ class SaliencyScorer:
                  max_memory_per_gpu: str | None, own_tokenizer: bool, max_padding: float | None = None):
         import torch
 
+        from leaf_ray.distributed import ray_actor_device
         from leaf_ray.models import load_model
 
         ref = ModelRef(**model)
         self.role, self.gradient_checkpointing, self.max_padding = role, gradient_checkpointing, max_padding
         if num_gpus > 1 and torch.cuda.is_available():
-            max_memory = ({i: max_memory_per_gpu for i in range(torch.cuda.device_count())}
-                          if max_memory_per_gpu else None)
-            self.model = load_model(ref, device_map="auto", max_memory=max_memory, dtype=dtype)
+            self.model = load_model(ref, device_map="auto", max_memory=gpu_max_memory(max_memory_per_gpu),
+                                    dtype=dtype)
+            check_on_gpus(self.model, role)
         else:
-            self.model = load_model(ref, dtype=dtype)
-            self.model.to("cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu")
+            device = ray_actor_device(num_gpus)  # a CPU actor computes on the CPU even on a GPU node
+            self.model = load_model(ref, dtype=dtype, device=device.type).to(device)
         self.model.eval().requires_grad_(False)
         self.tokenizer = cached_tokenizer(ref.model_dump_json()) if own_tokenizer else None
 

@@ -26,6 +26,7 @@ from leaf_ray.console import FileProgress
 from leaf_ray.distill.data import VARIANT_SCOPES, DistillDataError, load_rows
 from leaf_ray.distill.inline import runs_inline, train_inline
 from leaf_ray.distill.trainer import accumulation_steps, train_worker
+from leaf_ray.distributed import backend_for
 from leaf_ray.store import RunDir, check_same_spec, digest, exclusive_lock, write_json_atomic
 from leaf_ray.tracking import (
     check_tracking_server,
@@ -184,7 +185,10 @@ def torch_trainer(cfg: LeafConfig, variant: str, out_dir: Path, datasets: dict, 
         train_loop_config={"cfg": cfg.dump(), "variant": variant, "out_dir": str(out_dir), "tracking": tracking},
         scaling_config=ScalingConfig(num_workers=dcfg.resources.num_workers, use_gpu=dcfg.resources.use_gpu,
                                      resources_per_worker=worker_resources(cfg)),
-        torch_config=TorchConfig(backend="nccl" if dcfg.resources.use_gpu else "gloo"),
+        # nccl on GPUs, gloo on CPUs; our own collectives follow leaf_ray.distributed's rule (tensor on the
+        # group's device). A collective waiting past the timeout fails the attempt (retried from a checkpoint).
+        torch_config=TorchConfig(backend=backend_for("cuda" if dcfg.resources.use_gpu else "cpu"),
+                                 timeout_s=int(dcfg.resources.collective_timeout_s)),
         datasets=datasets,
         # Every worker reads the whole (small, tokenised) split and takes its share from the deterministic plan:
         # that keeps groups intact across ranks, gives every rank the same number of steps, and makes the

@@ -85,10 +85,23 @@ def can_chunk_head(model, zero_stage: int) -> bool:
     return zero_stage < 3 and not capped and isinstance(model.get_output_embeddings(), torch.nn.Linear)
 
 
-def build_student(cfg: LeafConfig, world: int, accum: int, total_steps: int, *, with_loss: bool = True):
-    """The student as a DeepSpeed engine with a client AdamW and a warm-up + decay LR schedule.
+def deepspeed_args(device: str | torch.device):
+    """``deepspeed.initialize``'s ``args``: on CUDA the device index to build the engine on (DeepSpeed would
+    otherwise take ``LOCAL_RANK``, which under Ray Train need not be the index of the GPU this worker was
+    given); on CPU none (the CPU accelerator has one device)."""
+    from types import SimpleNamespace
 
-    ``with_loss``: the engine wraps :class:`StudentWithLoss` (the trainer); else the bare LM (benchmarks)."""
+    device = torch.device(device)
+    return SimpleNamespace(device_rank=device.index or 0) if device.type == "cuda" else None
+
+
+def build_student(cfg: LeafConfig, world: int, accum: int, total_steps: int, *, with_loss: bool = True,
+                  device: str | torch.device = "cpu"):
+    """The student as a DeepSpeed engine with a client AdamW and a warm-up + decay LR schedule, on ``device``.
+
+    Loaded in float32: DeepSpeed's bf16/fp16 mode casts the module and keeps the fp32 master weights in the
+    optimizer. ``with_loss``: the engine wraps :class:`StudentWithLoss` (the trainer); else the bare LM
+    (benchmarks)."""
     from leaf_ray.distill.ds_ops import import_deepspeed
 
     deepspeed = import_deepspeed()
@@ -106,10 +119,11 @@ def build_student(cfg: LeafConfig, world: int, accum: int, total_steps: int, *, 
     optimizer = torch.optim.AdamW(model.parameters(), lr=dcfg.lr, weight_decay=dcfg.weight_decay)
     name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[dcfg.scheduler]
     scheduler = get_scheduler(name, optimizer, num_warmup_steps=dcfg.warmup_steps, num_training_steps=total_steps)
-    precision = compute_precision(dcfg.deepspeed.precision, on_cpu=not torch.cuda.is_available(),
+    precision = compute_precision(dcfg.deepspeed.precision, on_cpu=torch.device(device).type == "cpu",
                                   force=cfg.models.student.force_dtype)
     conf = deepspeed_config(cfg, world, accum, zero_stage=dcfg.deepspeed.zero_stage, precision=precision)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=conf)
+    engine, _, _, _ = deepspeed.initialize(args=deepspeed_args(device), model=model, optimizer=optimizer,
+                                           lr_scheduler=scheduler, config=conf)
     engine.train()
     return engine
 
@@ -125,7 +139,8 @@ def build_teacher(cfg: LeafConfig, world: int, accum: int, device):
         from leaf_ray.distill.topk_cache import cache_dir_for, load_topk_teacher
 
         return load_topk_teacher(cache_dir_for(cfg))
-    model = load_model(cfg.models.teacher)
+    # On the GPU in its configured dtype (bf16 stays bf16); on a CPU float32 where bf16 is not native.
+    model = load_model(cfg.models.teacher, device=torch.device(device).type)
     model.requires_grad_(False)
     model.eval()
     if mode == "replicated":
@@ -137,6 +152,6 @@ def build_teacher(cfg: LeafConfig, world: int, accum: int, device):
         loaded = str(next(model.parameters()).dtype).removeprefix("torch.")
         precision = {"bfloat16": "bf16", "float16": "fp16"}.get(loaded, "fp32")
         conf = deepspeed_config(cfg, world, accum, zero_stage=3, precision=precision, trains=False)
-        model, _, _, _ = import_deepspeed().initialize(model=model, config=conf)
+        model, _, _, _ = import_deepspeed().initialize(args=deepspeed_args(device), model=model, config=conf)
         model.eval()
     return OnlineTeacher(model)

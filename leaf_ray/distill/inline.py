@@ -36,11 +36,14 @@ CHECKPOINTS = "checkpoints"
 
 
 def runs_inline(cfg: LeafConfig, n_rows: int) -> bool:
-    """Small enough to train here: ``0 < rows <= distill.inline_max_rows``, one CPU worker, a teacher that is
-    a model (the top-k cache is built by a Ray Data pass)."""
+    """Small enough to train here: ``0 < rows <= distill.inline_max_rows``, one worker, a teacher that is a
+    model (the top-k cache is built by a Ray Data pass). A run that asks for a GPU (``use_gpu``) trains here
+    only where this process sees one; else Ray Train places it on a GPU worker."""
+    import torch
+
     dcfg = cfg.distill
     return (0 < n_rows <= dcfg.inline_max_rows and dcfg.resources.num_workers == 1
-            and not dcfg.resources.use_gpu and dcfg.teacher_mode != "topk_cache")
+            and (not dcfg.resources.use_gpu or torch.cuda.is_available()) and dcfg.teacher_mode != "topk_cache")
 
 
 def whole_checkpoints(directory: Path) -> list[Path]:
@@ -71,20 +74,28 @@ class LocalCheckpoints:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def local_process_group() -> None:
-    """A gloo group of one rank in this process (DeepSpeed needs one; its CPU accelerator); kept for the
-    next inline run."""
+def local_process_group(device=None):
+    """A process group of one rank in this process on ``device`` (DeepSpeed needs one: gloo and DeepSpeed's
+    CPU accelerator on the CPU, nccl and its CUDA accelerator on a GPU); kept for the next inline run on the
+    same kind of device. Returns the device."""
+    import torch
     import torch.distributed as dist
 
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from leaf_ray.distributed import backend_for, deepspeed_accelerator, init_group
+
+    device = torch.device(device or "cpu")
+    deepspeed_accelerator(device)
     if dist.is_initialized():
         if dist.get_world_size() != 1:
             raise RuntimeError("an inline distillation needs a process group of one rank; this process is in a "
                                f"group of {dist.get_world_size()}")
-        return
+        if str(dist.get_backend()) == backend_for(device):
+            return device
+        dist.destroy_process_group()  # the last inline run was on the other kind of device
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}.items():
         os.environ.setdefault(key, value)  # DeepSpeed reads these
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    init_group(device, rank=0, world_size=1, store=dist.HashStore())
+    return device
 
 
 @contextlib.contextmanager
@@ -107,9 +118,11 @@ def train_inline(cfg: LeafConfig, variant: str, out_dir: Path, tokenized: pa.Tab
     from leaf_ray.distill.data import TokenizedRows
     from leaf_ray.distill.trainer import DistillRecipe, World, accumulation_steps, no_rows
 
+    from leaf_ray.distributed import inline_device
+
     dcfg = cfg.distill
-    local_process_group()
-    world = World(0, 1, accumulation_steps(dcfg.global_batch_size, dcfg.micro_batch_size, 1))
+    device = local_process_group(inline_device(dcfg.resources.use_gpu))
+    world = World(0, 1, accumulation_steps(dcfg.global_batch_size, dcfg.micro_batch_size, 1), device=str(device))
     splits = {}
     for name in ("train", "validation"):
         part = tokenized.filter(pc.equal(tokenized.column("split"), name))

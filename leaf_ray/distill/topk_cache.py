@@ -87,8 +87,10 @@ class TopKTeacherBatch:
         from leaf_ray.config import ModelRef
         from leaf_ray.models import load_model, load_tokenizer
 
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = load_model(ModelRef(**teacher_ref)).to(self.device).eval()
+        from leaf_ray.distributed import process_device
+
+        self.device = process_device()  # the actor's assigned GPU, else the CPU
+        self.model = load_model(ModelRef(**teacher_ref), device=self.device.type).to(self.device).eval()
         self.tokenizer = load_tokenizer(ModelRef(**tokenizer_ref))
         teacher_vocab = int(self.model.config.vocab_size)
         if teacher_vocab < vocab_size:

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -56,6 +55,7 @@ import numpy as np
 import torch
 
 from leaf_ray.config import LeafConfig, config_from_dict
+from leaf_ray.distributed import barrier, deepspeed_accelerator, ray_train_device
 from leaf_ray.distill.checkpoints import (
     consolidated_state_dict,
     export_best_model,
@@ -105,6 +105,7 @@ class World:
     rank: int
     size: int
     accum: int
+    device: str = "cpu"  # where this rank computes (leaf_ray.distributed): the engines are built there
 
 
 def train_worker(config: dict) -> None:
@@ -116,12 +117,13 @@ def train_worker(config: dict) -> None:
     dcfg = cfg.distill
     if dcfg.resources.torch_threads:
         torch.set_num_threads(dcfg.resources.torch_threads)
-    if not dcfg.resources.use_gpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # The GPU Ray Train assigned to this worker, made current, and DeepSpeed's accelerator to match it.
+    device = ray_train_device(dcfg.resources.use_gpu)
+    deepspeed_accelerator(device)
     ctx = ray.train.get_context()
     size = ctx.get_world_size()
     world = World(ctx.get_world_rank(), size, accumulation_steps(dcfg.global_batch_size, dcfg.micro_batch_size,
-                                                                 size))
+                                                                 size), device=str(device))
     # Every rank holds the whole tokenised split, in a stable order; the epoch plan picks its share.
     checkpoint = ray.train.get_checkpoint()
     with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as ckpt_dir:
@@ -189,8 +191,6 @@ class DistillRecipe:
     def setup(cls, cfg: LeafConfig, world: World, train_rows: TokenizedRows, val_rows: TokenizedRows, *,
               out_dir: Path, variant: str, tracking: dict[str, Any], checkpoint_dir: Path | None = None,
               report: Callable[[dict[str, float], Path, str], None] | None = None) -> DistillRecipe:
-        import torch.distributed as dist
-
         from leaf_ray.models import load_tokenizer
         from leaf_ray.tracking import MetricLogger, pending_metrics_file
 
@@ -200,7 +200,8 @@ class DistillRecipe:
         inject_crash = dcfg.fail_at_step is not None and not (out_dir / "crash_injected").exists()
         # -- models: DeepSpeed student (client AdamW + schedule), frozen teacher signal
         tokenizer = load_tokenizer(cfg.models.student)
-        engine = build_student(cfg, world.size, world.accum, step_counts(dcfg, len(train_rows), world)[1])
+        engine = build_student(cfg, world.size, world.accum, step_counts(dcfg, len(train_rows), world)[1],
+                               device=world.device)
         teacher = build_teacher(cfg, world.size, world.accum, engine.device)
         recipe = cls(cfg, world, engine=engine, teacher=teacher, train_rows=train_rows, val_rows=val_rows,
                      pad_id=tokenizer.pad_token_id, tokenizer=tokenizer, out_dir=out_dir, variant=variant,
@@ -212,7 +213,7 @@ class DistillRecipe:
             recipe.restore_checkpoint(checkpoint_dir)
         if world.rank == 0:
             prune_best_models(out_dir, keep=recipe.state.best_step)
-        dist.barrier()
+        barrier()
         if world.rank == 0:
             state = recipe.state
             print(f"[leaf-ray distill] rank 0 ready in {time.perf_counter() - t_start:.1f}s: {len(train_rows)} "
@@ -233,8 +234,6 @@ class DistillRecipe:
     def train(self) -> None:
         """From the restored position to `total_steps`: validation, checkpoints and the best model on their
         schedule, the crash hook (`distill.fail_at_step`) once."""
-        import torch.distributed as dist
-
         state, dcfg = self.state, self.dcfg
         while state.step < self.total_steps:
             plan = self.plan(state.epoch)
@@ -263,7 +262,7 @@ class DistillRecipe:
                     if self.world.rank == 0:
                         prune_best_models(self.out_dir, keep=state.best_step)
                 if self.inject_crash and state.step == dcfg.fail_at_step:
-                    dist.barrier()
+                    barrier()
                     if self.world.rank == 0:
                         (self.out_dir / "crash_injected").write_text(f"crashed after step {state.step}\n")
                     raise RuntimeError(f"distill.fail_at_step={dcfg.fail_at_step}: injected crash (first attempt)")
@@ -393,13 +392,11 @@ class DistillRecipe:
     def export(self) -> None:
         """The best student by validation loss (the final one when there is no validation split) to
         ``<out>/model``, and ``summary.json``."""
-        import torch.distributed as dist
-
         state = self.state
         if not len(self.val_rows):
             state.best_step = state.step
             self.save_best()
-        dist.barrier()
+        barrier()
         if self.world.rank == 0:
             export_best_model(self.out_dir, self.tokenizer, self.variant, best_step=state.best_step,
                               best_val_loss=state.best_val_loss, steps=state.step)
@@ -407,7 +404,7 @@ class DistillRecipe:
                        "steps_per_epoch": self.per_epoch, "world_size": self.world.size,
                        "accumulation_steps": self.world.accum}
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        dist.barrier()
+        barrier()
 
 
 # =========================================================================== 2. helpers, in call order
@@ -457,12 +454,9 @@ class StepSums:
         v["padded_tokens"] += batch["input_ids"].numel()
 
     def all_reduce(self) -> dict[str, float]:
-        import torch.distributed as dist
+        from leaf_ray.distributed import all_reduce_sum
 
-        keys = list(self.values)
-        t = torch.tensor([self.values[k] for k in keys], dtype=torch.float64)
-        dist.all_reduce(t)
-        return dict(zip(keys, t.tolist()))
+        return all_reduce_sum(self.values)  # on the group's device: NCCL has no CPU tensors
 
 
 def plain_grad_norm(engine) -> float:

@@ -136,8 +136,10 @@ class TransformersBackend(GenerationBackend):
         from leaf_ray.models import load_model
 
         super().__init__(model_ref, gen, seed)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = load_model(model_ref).to(self.device).eval()
+        from leaf_ray.distributed import process_device
+
+        self.device = process_device()  # the actor's assigned GPU, else the CPU
+        self.model = load_model(model_ref, device=self.device.type).to(self.device).eval()
 
     def _generate_ids(self, prompt_ids, max_new_tokens, stop, temperature):
         import torch
