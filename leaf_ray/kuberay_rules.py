@@ -98,11 +98,11 @@ def _name_errors(kind: str, name: str, max_len: int) -> list[str]:
 # --------------------------------------------------------------------------- RayCluster spec
 
 
-def _groups(spec: dict, at: str) -> list[tuple[str, str, dict]]:
-    """(field path, group name, group spec) for the head and every worker group."""
-    out = [(f"{at}.headGroupSpec", "head", spec.get("headGroupSpec") or {})]
+def _groups(spec: dict, at: str) -> list[tuple[str, int | None, dict]]:
+    """(field path, worker index or None for the head, group spec) for the head and every worker group."""
+    out = [(f"{at}.headGroupSpec", None, spec.get("headGroupSpec") or {})]
     for i, g in enumerate(spec.get("workerGroupSpecs") or []):
-        out.append((f"{at}.workerGroupSpecs[{i}]", g.get("groupName", f"#{i}"), g))
+        out.append((f"{at}.workerGroupSpecs[{i}]", i, g))
     return out
 
 
@@ -131,7 +131,7 @@ def _cluster_spec_errors(spec: dict, at: str) -> list[str]:
     errors: list[str] = []
     autoscaling = _autoscaling(spec)
     seen: dict[str, int] = {}
-    for path, name, group in _groups(spec, at):
+    for path, index, group in _groups(spec, at):
         pod = _pod(group)
         if not pod.get("containers"):
             errors.append(f"{path}.template.spec.containers: a Ray group needs at least one container")
@@ -156,12 +156,13 @@ def _cluster_spec_errors(spec: dict, at: str) -> list[str]:
             if policy not in ("", "Never"):
                 errors.append(f"{path}.template.spec.restartPolicy: {policy!r}; with autoscaler v2 it must be "
                               "Never or unset")
-        if path.endswith("headGroupSpec"):
+        if index is None:  # the rest is about worker groups
             continue
+        name = group.get("groupName")
         if name in seen:
             errors.append(f"{path}.groupName: {name!r} is already the name of workerGroupSpecs[{seen[name]}]; "
                           "worker group names must be unique")
-        seen.setdefault(name, int(path.rsplit("[", 1)[1][:-1]))
+        seen.setdefault(name, index)
         lo, hi = group.get("minReplicas"), group.get("maxReplicas")
         if not autoscaling and (lo is None or hi is None):
             errors.append(f"{path}: minReplicas and maxReplicas must both be set when autoscaling is disabled")

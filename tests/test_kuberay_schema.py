@@ -49,6 +49,19 @@ def built() -> list[dict]:
     return kustomize_build(KUBERAY)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _parse_kubernetes_schemas_once():
+    """kubernetes-validate re-reads its schema files (the definitions are megabytes of JSON) on every call;
+    parse each once for this module. The files and the validation are the package's own."""
+    from functools import cache
+
+    import kubernetes_validate.utils as kv_utils
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kv_utils, "schema_contents", cache(kv_utils.schema_contents))
+        yield
+
+
 def _by_kind(docs, kind, name=None) -> dict:
     found = [d for d in docs if d["kind"] == kind and name in (None, d["metadata"]["name"])]
     assert len(found) == 1, (kind, name)
@@ -225,6 +238,32 @@ def test_core_objects_match_kubernetes_strict_schemas(built, k8s):
     assert len(core) == 9
     for doc in core:
         kubernetes_validate.validate(doc, k8s, strict=True)
+
+
+def ray_pod_templates(doc: dict) -> list[tuple[str, dict]]:
+    """(group, pod template) for the head, every worker group and the RayJob submitter."""
+    spec = doc["spec"]
+    if doc["kind"] == "RayJob":
+        return [("submitter", spec["submitterPodTemplate"])]
+    return [("head", spec["headGroupSpec"]["template"])] + [
+        (g["groupName"], g["template"]) for g in spec["workerGroupSpecs"]]
+
+
+@pytest.mark.parametrize("k8s", K8S_VERSIONS)
+def test_ray_pod_templates_are_valid_pods_for_kubernetes(built, k8s):
+    """KubeRay copies these templates into Pods, which the cluster's own API then validates: they must be
+    valid PodTemplates of each Kubernetes version, not only of the pod schema vendored in KubeRay's CRD."""
+    templates = [t for d in built if d["kind"] in RAY_KINDS for t in ray_pod_templates(d)]
+    assert len(templates) == 6
+    for group, template in templates:
+        pod_template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": group},
+                        "template": template}
+        kubernetes_validate.validate(pod_template, k8s, strict=True)
+    bad = copy.deepcopy(templates[0][1])
+    bad["spec"]["securityContext"]["fsGroupChangePolicy"] = ["OnRootMismatch"]
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "x"},
+                                      "template": bad}, k8s, strict=True)
 
 
 @pytest.mark.parametrize("kind,name,path,value", [
