@@ -1,10 +1,10 @@
-"""The KubeRay manifests parse, have the structure the issue asks for, and agree with the configs.
+"""The KubeRay manifests have the structure the paper setting needs and agree with the configs.
 
-No KubeRay CRD schema ships in any package we can install offline (PyPI has no KubeRay client or CRD bundle),
-so schema validation is not done here. The strongest offline check is Ray's own KubeRay autoscaler code:
-`_derive_autoscaling_config_from_ray_cr` turns our RayCluster into the autoscaler's node types exactly as the
-autoscaler sidecar will, and validates the result against Ray's autoscaler schema. Every Ray resource request
-in configs/paper-*.yaml is then checked against those node types.
+Schema validation (KubeRay's CRDs, Kubernetes' schemas, `kubectl kustomize`) is in test_kuberay_schema.py and
+the operator's admission rules in test_kuberay_rules.py. Here: Ray's own KubeRay autoscaler code
+(`_derive_autoscaling_config_from_ray_cr`) turns our RayCluster into the autoscaler's node types exactly as the
+autoscaler sidecar will, and every Ray resource request in configs/paper-*.yaml is checked against them; and
+the operational choices of the manifests (storage ownership, rollout strategy, credentials) are pinned.
 """
 
 from __future__ import annotations
@@ -271,8 +271,11 @@ def test_mlflow_server_uses_the_database_and_artifact_volume():
     docs = {(d["kind"], d["metadata"]["name"]): d for d in _docs("mlflow.yaml")}
     deploy = docs[("Deployment", "mlflow")]
     pod = deploy["spec"]["template"]["spec"]
-    args = {a.split("=", 1)[0]: a.split("=", 1)[1] if "=" in a else True for a in pod["containers"][0]["args"]}
-    backend = urlparse(args["--backend-store-uri"])
+    container = pod["containers"][0]
+    args = {a.split("=", 1)[0]: a.split("=", 1)[1] if "=" in a else True for a in container["args"]}
+    env = [e["name"] for e in container["env"]]
+    uri = next(e["value"] for e in container["env"] if e["name"] == "MLFLOW_BACKEND_STORE_URI")
+    backend = urlparse(uri)
     assert backend.scheme == "postgresql"
     pg_service = docs[("Service", backend.hostname)]
     assert backend.port == pg_service["spec"]["ports"][0]["port"]
@@ -280,11 +283,12 @@ def test_mlflow_server_uses_the_database_and_artifact_volume():
     assert pg_service["spec"]["selector"].items() <= pg["spec"]["template"]["metadata"]["labels"].items()
     assert pg["spec"]["volumeClaimTemplates"], "the database needs persistent storage"
     # Credentials come from the one Secret, in the database and in the server.
-    secret_refs = {e["valueFrom"]["secretKeyRef"]["name"] for e in pod["containers"][0]["env"]}
+    secret_refs = {e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"] if "valueFrom" in e}
     pg_refs = {e["secretRef"]["name"] for e in pg["spec"]["template"]["spec"]["containers"][0]["envFrom"]}
     assert secret_refs == pg_refs == {"mlflow-db"}
-    for var in re.findall(r"\$\((\w+)\)", args["--backend-store-uri"]):
-        assert var in {e["name"] for e in pod["containers"][0]["env"]}
+    # The kubelet expands $(VAR) only from variables defined earlier in the list.
+    for var in re.findall(r"\$\((\w+)\)", uri):
+        assert var in env[:env.index("MLFLOW_BACKEND_STORE_URI")], var
     # Artifacts are proxied by the server into a mounted claim.
     assert args["--serve-artifacts"] is True
     mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
@@ -306,3 +310,90 @@ def test_mlflow_accepts_the_in_cluster_host_header():
     for host in ("mlflow:5000", "mlflow.leaf-ray.svc.cluster.local:5000", "localhost:5000"):
         assert is_allowed_host_header(allowed, host), host
     assert not is_allowed_host_header(allowed, "evil.example.com")
+
+
+def test_mlflow_database_password_is_never_an_argument():
+    """The URI with the password reaches `mlflow server` through MLFLOW_BACKEND_STORE_URI (an option's
+    environment variable in MLflow's own CLI), not through argv, which any process on the node can read."""
+    from mlflow.cli import server
+
+    container = _one("mlflow.yaml", "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    argv = " ".join(container.get("command", []) + container["args"])
+    assert "PASSWORD" not in argv and "backend-store-uri" not in argv
+    option = next(p for p in server.params if p.name == "backend_store_uri")
+    assert option.envvar == "MLFLOW_BACKEND_STORE_URI"
+
+
+def test_mlflow_is_recent_enough_for_allowed_hosts():
+    """`--allowed-hosts` (the Host-header guard) came with MLflow 3.5.0; pyproject must not allow older."""
+    from mlflow.cli import server
+
+    assert re.search(r'"mlflow>=3\.5"', (ROOT / "pyproject.toml").read_text())
+    assert any(p.name == "allowed_hosts" for p in server.params)
+
+
+def test_mlflow_deployment_recreates_its_rwo_volume_pod():
+    deploy = _one("mlflow.yaml", "Deployment")
+    claims = {v["persistentVolumeClaim"]["claimName"] for v in deploy["spec"]["template"]["spec"]["volumes"]}
+    modes = {d["metadata"]["name"]: d["spec"]["accessModes"] for d in _docs("storage.yaml")}
+    assert any(modes[c] == ["ReadWriteOnce"] for c in claims)
+    assert deploy["spec"]["strategy"] == {"type": "Recreate"}, "a rolling update stalls on a RWO claim"
+
+
+def test_statefulset_service_is_headless():
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in _docs("mlflow.yaml")}
+    for (kind, _), sts in docs.items():
+        if kind == "StatefulSet":
+            service = docs[("Service", sts["spec"]["serviceName"])]
+            assert service["spec"]["clusterIP"] == "None"
+            assert service["spec"]["selector"].items() <= sts["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_fsgroup_changes_ownership_only_on_mismatch():
+    for where, pod in _all_pod_specs():
+        sc = pod.get("securityContext", {})
+        if "fsGroup" in sc:
+            assert sc.get("fsGroupChangePolicy") == "OnRootMismatch", where
+    assert "fsGroupChangePolicy" in (KUBERAY / "storage.yaml").read_text()  # NFS ownership documented there
+
+
+def test_gpu_groups_set_num_gpus_explicitly(raycluster, node_types):
+    for g in raycluster["spec"]["workerGroupSpecs"]:
+        limit = g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")
+        if g["groupName"] in GPU_GROUPS:
+            assert g["rayStartParams"]["num-gpus"] == limit, g["groupName"]
+            assert node_types[g["groupName"]]["resources"]["GPU"] == int(limit)
+        else:
+            assert limit is None and "num-gpus" not in g["rayStartParams"]
+
+
+def test_minimum_kuberay_is_stated_as_1_5_1():
+    for name in ("raycluster.yaml", "kustomization.yaml", "README.md"):
+        text = (KUBERAY / name).read_text()
+        assert "1.5.1" in text and not re.search(r"KubeRay[^.\n]*>= ?1\.5(?![.\d])", text), name
+
+
+def test_readme_steps_name_what_the_manifests_create(raycluster):
+    """The apply/submit/resume commands of kuberay/README.md name the objects the files actually create."""
+    text = (KUBERAY / "README.md").read_text()
+    steps = text.split("```bash\n", 1)[1].split("```", 1)[0]
+    names = {(d["kind"], d["metadata"]["name"]) for f in KUBERAY.glob("*.yaml") for d in _docs(f.name)
+             if d.get("kind") != "Kustomization"}
+    cluster = raycluster["metadata"]["name"]
+    names |= {("Service", f"{cluster}-head-svc"), ("Secret", cluster)}  # created by KubeRay for the cluster
+    namespace = yaml.safe_load((KUBERAY / "kustomization.yaml").read_text())["namespace"]
+    assert set(re.findall(r"kubectl -n (\S+)", steps)) == {namespace}
+    for kind, word in (("RayJob", r"rayjob (\S+)"), ("Service", r"svc/(\S+)"), ("Secret", r"get secret (\S+)")):
+        found = re.findall(word, steps)
+        assert found and all((kind, n) in names for n in found), (kind, found)
+    secret = re.search(r"create secret generic (\S+)", steps).group(1)
+    keys = set(re.findall(r"--from-literal=(\w+)=", steps))
+    mlflow_env = _one("mlflow.yaml", "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]
+    refs = {(e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
+            for e in mlflow_env if "valueFrom" in e}
+    assert refs == {(secret, k) for k in keys}
+    for path in re.findall(r"kubectl apply -[fk] (\S+)", steps):
+        assert (ROOT / path).exists(), path
+    job = _one("rayjob.yaml", "RayJob")["metadata"]["name"]
+    assert f"delete rayjob {job} && kubectl apply -k kuberay/" in steps  # resume
+    assert "1.5.1" in text and "1.7.0" in text and "1.30, 1.33, 1.37" in text
