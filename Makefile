@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean lint bench vllm-venv
+.PHONY: demo test venv clean lint bench vllm-venv gpu-wheels gpu-check
 VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
@@ -40,8 +40,18 @@ demo: $(STAMP)
 	$(BIN)/leaf-ray demo
 
 test: $(STAMP) $(VLLM_STAMP)
-	$(BIN)/python -m pytest -q -ra -m "not autoscaler"
+	$(BIN)/python -m pytest -q -ra -m "not autoscaler and not gpu"
+	# the gpu tier in its own process (DeepSpeed fixes one accelerator per process): skipped without CUDA
+	$(BIN)/python -m pytest -q -ra -m gpu tests/test_gpu.py
 	$(BIN)/python -m pytest -q -ra -m autoscaler; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
+
+# The packages the lent GPU machines' image lacks, as Python 3.12 wheels (<= 60 MiB) for scripts/gpu_check.sh.
+gpu-wheels: $(STAMP)
+	bash scripts/gpu_wheels.sh .gpu-wheels
+
+# The device run (on a machine with CUDA; here it is the CPU dry run: every gpu test skipped).
+gpu-check:
+	bash scripts/gpu_check.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check leaf_ray jobs tests

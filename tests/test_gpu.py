@@ -51,6 +51,24 @@ def _fp32_is_fp32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
+def word_problems(n: int, seed: int) -> list[dict]:
+    """Records like the demo corpus's (id, instruction, output, answer) with a distractor sentence, made here:
+    the device image lacks reasoning-gym's compiled dependencies (pycosat) for Python 3.12."""
+    import random
+
+    rng, names, items = random.Random(seed), ["Leo", "Mia", "Ann", "Raj", "Zoë"], ["apples", "pens", "cards"]
+    out = []
+    for i in range(n):
+        who, what, other = rng.choice(names), rng.choice(items), rng.choice(items)
+        a, b, c = rng.randint(5, 40), rng.randint(1, 4), rng.randint(2, 9)
+        out.append({"id": f"gpu-tier-{seed}-{i}", "answer": str(a - b),
+                    "instruction": f"{who} has {a} {what}. There are {c} {other} on the table. {who} gives away "
+                                   f"{b} {what}. How many {what} does {who} have now?",
+                    "output": f"{who} starts with {a} {what}.\n\n{a} - {b} = {a - b}.\n\n"
+                              f"The answer is \\boxed{{{a - b}}}."})
+    return out
+
+
 def cpu_subprocess(code: str, cwd: Path) -> None:
     """Run ``code`` in a fresh Python with CUDA hidden (DS_ACCELERATOR=cpu): the CPU float32 reference."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu", "LEAF_RAY_GPU_TEST_DEVICE": "cpu"}
@@ -115,14 +133,13 @@ def test_ingest_and_detection_on_the_device_match_cpu_fp32(cfg_factory, tmp_path
     on CPU pools in float32: every unit scored on both, Δ in agreement within the bf16 tolerance."""
     import pyarrow.parquet as pq
 
-    from leaf_ray.data.demo_corpus import generate_problems
     from leaf_ray.data.ingest import run_ingest
     from leaf_ray.detect.pipeline import run_detection
     from leaf_ray.store import DetectPaths
 
     source = tmp_path / "train.jsonl"
     source.write_text("".join(json.dumps({"id": p["id"], "instruction": p["instruction"], "output": p["output"]})
-                              + "\n" for p in generate_problems(12, seed=5)))
+                              + "\n" for p in word_problems(12, seed=5)))
     on_device = 1.0 if ON_CUDA else 0.0
     runs = {}
     for name, gpus, dtype in (("cpu-fp32", 0.0, "float32"), ("device-bf16", on_device, "bfloat16")):
@@ -160,7 +177,7 @@ def distill_config(root: Path, tiny_pair, name: str, **distill):
                         "resources": {"num_workers": 1, "cpus_per_worker": 0.5, "use_gpu": ON_CUDA,
                                       "gpus_per_worker": 1.0 if ON_CUDA else 0.0}, **distill}}
     cfg = config_from_dict(tree, "gpu-tier")
-    write_synthetic_inputs(cfg.run.dir, n=10, validation=2, max_chars=450, response_level=False)
+    write_synthetic_inputs(cfg.run.dir, n=10, validation=2, response_level=False, problems=word_problems(10, 3))
     (root / f"{name}.yaml").write_text(cfg.to_yaml())
     return cfg
 

@@ -69,8 +69,10 @@ def synthetic_counterfactuals(instruction: str, output: str, sample_id: str, spl
 
 
 def write_synthetic_inputs(run_dir: str | Path, n: int = 24, seed: int = 0, validation: int = 4,
-                           max_chars: int | None = None, response_level: bool = True) -> dict[str, int]:
-    """Write ``data/clean`` and ``detect/counterfactuals`` Parquet under ``run_dir`` from the demo corpus.
+                           max_chars: int | None = None, response_level: bool = True,
+                           problems: list[dict] | None = None) -> dict[str, int]:
+    """Write ``data/clean`` and ``detect/counterfactuals`` Parquet under ``run_dir`` from the demo corpus (or
+    from ``problems``, records as :func:`generate_problems` makes them).
 
     The last ``validation`` samples are the validation split. ``max_chars`` drops problems longer than that
     (keeps tests' sequences short)."""
@@ -79,7 +81,7 @@ def write_synthetic_inputs(run_dir: str | Path, n: int = 24, seed: int = 0, vali
 
     from leaf_ray.store import RunDir
 
-    problems = [p for p in generate_problems(4 * n, seed)
+    problems = [p for p in (problems if problems is not None else generate_problems(4 * n, seed))
                 if max_chars is None or len(p["instruction"]) + len(p["output"]) <= max_chars][:n]
     if len(problems) < n:
         raise ValueError(f"only {len(problems)} demo problems fit max_chars={max_chars}")
