@@ -12,7 +12,7 @@ Tolerances, and why:
 - **float32 on the GPU vs float32 on the CPU** (TF32 off): the same arithmetic in another order; saliency norms
   agree to 1e-4 relative, a few distillation steps to 1e-3 (AdamW's first steps divide by √v̂ + ε, which
   amplifies reordering noise of tiny gradients), greedy completions token for token on ≥ 90% of prompts (a
-  random tiny model has near-ties that a 1e-6 difference flips).
+  small model has near-ties that a 1e-6 difference flips).
 - **bfloat16 on the GPU vs float32 on the CPU**: bf16 keeps 8 significant bits (unit round-off 2⁻⁸ ≈ 0.4%);
   through two layers, attention softmax and the backward pass the errors add up to a few per cent per norm.
   We require per-token saliency norms within 5% (median relative error) and a Pearson correlation ≥ 0.98 over
@@ -51,6 +51,40 @@ def _fp32_is_fp32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
+@pytest.fixture(scope="module")
+def pair() -> dict[str, str]:
+    """The shipped focus-demo teacher and student (Qwen2, 0.93M / 0.46M, one tokenizer, trained on the task):
+    real weights, and no tokenizer training here (the tiny pair's corpus comes from reasoning-gym, which the
+    device image cannot install)."""
+    import leaf_ray
+
+    found = sorted(Path(leaf_ray.__file__).parent.rglob("focus_demo/teacher/config.json"))
+    assert found, "the shipped focus-demo models (leaf_ray/.../focus_demo) are missing"
+    root = found[0].parent.parent
+    return {"teacher": str(root / "teacher"), "student": str(root / "student")}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(pair):
+    from leaf_ray.config import ModelRef
+    from leaf_ray.models import load_tokenizer
+
+    return load_tokenizer(ModelRef(path=pair["student"]))
+
+
+def config(tmp_path: Path, pair, name: str, **sections):
+    """A config rooted in ``tmp_path`` on the shipped pair, tracking off (the device image has no MLflow)."""
+    from leaf_ray.config import config_from_dict
+
+    tree = {"run": {"name": name, "root_dir": str(tmp_path / "runs"), "seed": 3},
+            "models": {"teacher": {"path": pair["teacher"]}, "student": {"path": pair["student"]},
+                       "make_tiny_if_missing": False},
+            "ray": {"num_cpus": 2}, "tracking": {"enabled": False}}
+    for key, value in sections.items():
+        tree.setdefault(key, {}).update(value)
+    return config_from_dict(tree, "gpu-tier")
+
+
 def word_problems(n: int, seed: int) -> list[dict]:
     """Records like the demo corpus's (id, instruction, output, answer) with a distractor sentence, made here:
     the device image lacks reasoning-gym's compiled dependencies (pycosat) for Python 3.12."""
@@ -86,7 +120,7 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
-def test_saliency_on_the_device_matches_cpu_fp32(tiny_pair, tiny_tokenizer, padding_side):
+def test_saliency_on_the_device_matches_cpu_fp32(pair, tokenizer, padding_side):
     """‖∂L/∂e_i‖₂ of a padded batch through SDPA on the device: fp32 to 1e-4, bf16 within the bf16 tolerance,
     with left and right padding (no NaN from fully masked rows reaches a real token's gradient)."""
     from leaf_ray.config import ModelRef
@@ -97,7 +131,7 @@ def test_saliency_on_the_device_matches_cpu_fp32(tiny_pair, tiny_tokenizer, padd
     texts = [("Leo has 10 apples. There are 7 pens. He eats 3. How many apples?", "Leo has 10 - 3 = 7."),
              ("What is 2 + 3?", "\\boxed{5}"),
              ("Mia reads 4 pages a day for 6 days. How many pages?", "4 * 6 = 24 pages, \\boxed{24}.")]
-    rendered = [render(tiny_tokenizer, q, a) for q, a in texts]
+    rendered = [render(tokenizer, q, a) for q, a in texts]
     length = max(len(r.input_ids) for r in rendered)
     ids = torch.zeros(len(rendered), length, dtype=torch.long)
     mask, target = torch.zeros_like(ids), torch.zeros_like(ids)
@@ -105,11 +139,11 @@ def test_saliency_on_the_device_matches_cpu_fp32(tiny_pair, tiny_tokenizer, padd
         n = len(r.input_ids)
         cols = slice(0, n) if padding_side == "right" else slice(length - n, length)
         ids[b, cols], mask[b, cols], target[b, cols] = (torch.tensor(r.input_ids), 1, torch.tensor(r.target_mask))
-    reference = token_saliency(load_model(ModelRef(path=tiny_pair["teacher"]), dtype="float32", device="cpu"),
+    reference = token_saliency(load_model(ModelRef(path=pair["teacher"]), dtype="float32", device="cpu"),
                                ids, mask, target)
     real = mask.bool()
     for dtype in ("float32", "bfloat16"):
-        model = load_model(ModelRef(path=tiny_pair["teacher"], force_dtype=True), dtype=dtype,
+        model = load_model(ModelRef(path=pair["teacher"], force_dtype=True), dtype=dtype,
                            device=torch.device(DEVICE).type).to(DEVICE)
         got = token_saliency(model, ids, mask, target)
         assert got.grad_norm.device.type == torch.device(DEVICE).type
@@ -128,7 +162,7 @@ def test_saliency_on_the_device_matches_cpu_fp32(tiny_pair, tiny_tokenizer, padd
 # --------------------------------------------------------------------------- ingest -> detection
 
 
-def test_ingest_and_detection_on_the_device_match_cpu_fp32(cfg_factory, tmp_path):
+def test_ingest_and_detection_on_the_device_match_cpu_fp32(pair, tmp_path):
     """The inline chain (ingest, both saliency scorers on the GPU in bf16, score + prune) against the same chain
     on CPU pools in float32: every unit scored on both, Δ in agreement within the bf16 tolerance."""
     import pyarrow.parquet as pq
@@ -144,9 +178,9 @@ def test_ingest_and_detection_on_the_device_match_cpu_fp32(cfg_factory, tmp_path
     runs = {}
     for name, gpus, dtype in (("cpu-fp32", 0.0, "float32"), ("device-bf16", on_device, "bfloat16")):
         pools = {"num_gpus": gpus, "num_cpus": 0.5, "batch_size": 4}
-        cfg = cfg_factory(run={"name": name}, data={"paths": [str(source)]},
-                          detection={"inline_max_samples": 64, "dtype": dtype, "student_pool": pools,
-                                     "teacher_pool": pools})
+        cfg = config(tmp_path, pair, name, data={"paths": [str(source)]},
+                     detection={"inline_max_samples": 64, "dtype": dtype, "student_pool": pools,
+                                "teacher_pool": pools})
         run_ingest(cfg)
         run_detection(cfg)
         scores = pq.read_table(sorted(str(p) for p in DetectPaths.of(cfg).scores.glob("*.parquet"))).to_pylist()
@@ -162,12 +196,12 @@ def test_ingest_and_detection_on_the_device_match_cpu_fp32(cfg_factory, tmp_path
 # --------------------------------------------------------------------------- distillation
 
 
-def distill_config(root: Path, tiny_pair, name: str, **distill):
+def distill_config(root: Path, pair, name: str, **distill):
     from leaf_ray.config import config_from_dict
     from leaf_ray.data.demo_corpus import write_synthetic_inputs
 
     tree = {"run": {"name": name, "root_dir": str(root), "seed": 3},
-            "models": {"teacher": {"path": tiny_pair["teacher"]}, "student": {"path": tiny_pair["student"]},
+            "models": {"teacher": {"path": pair["teacher"]}, "student": {"path": pair["student"]},
                        "make_tiny_if_missing": False},
             "data": {"max_length": 192},
             "tracking": {"enabled": False},  # the device image has no MLflow; summary + weights are compared
@@ -190,10 +224,10 @@ def exported(out_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 @pytest.fixture(scope="module")
-def cpu_distillation(tiny_pair, tmp_path_factory):
+def cpu_distillation(pair, tmp_path_factory):
     """The ZeRO-0, replicated-teacher, chunked-head run on the CPU in float32, in its own process."""
     root = tmp_path_factory.mktemp("gpu-tier-cpu")
-    cfg = distill_config(root, tiny_pair, "cpu-reference")
+    cfg = distill_config(root, pair, "cpu-reference")
     cfg.distill.resources.use_gpu, cfg.distill.resources.gpus_per_worker = False, 0.0
     (root / "cpu-reference.yaml").write_text(cfg.to_yaml())
     cpu_subprocess("from leaf_ray.config import load_config\nfrom leaf_ray.distill.driver import run_distillation\n"
@@ -215,12 +249,12 @@ DISTILL_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(DISTILL_CASES))
-def test_distillation_on_the_device_matches_cpu_fp32(cpu_distillation, tiny_pair, tmp_path, case):
+def test_distillation_on_the_device_matches_cpu_fp32(cpu_distillation, pair, tmp_path, case):
     """The DeepSpeed engine on an nccl group of one (the inline path with use_gpu), fp32: the CPU run's
     validation losses and student."""
     from leaf_ray.distill.driver import run_distillation
 
-    cfg = distill_config(tmp_path, tiny_pair, case, **DISTILL_CASES[case])
+    cfg = distill_config(tmp_path, pair, case, **DISTILL_CASES[case])
     result = run_distillation(cfg, variant="leaf_instr")
     summary, weights = exported(result.export_dir.parent)
     want_summary, want_weights = cpu_distillation
@@ -231,14 +265,14 @@ def test_distillation_on_the_device_matches_cpu_fp32(cpu_distillation, tiny_pair
         torch.testing.assert_close(weights[name].float(), want.float(), rtol=1e-3, atol=1e-4, msg=name)
 
 
-def test_bf16_distillation_on_the_device_stays_within_the_bf16_tolerance(cpu_distillation, tiny_pair, tmp_path):
+def test_bf16_distillation_on_the_device_stays_within_the_bf16_tolerance(cpu_distillation, pair, tmp_path):
     """DeepSpeed bf16 (fp32 master weights in the optimizer, the KL in fp32): finite, and its validation loss
     within 3% of the fp32 CPU run's."""
     from leaf_ray.distill.driver import run_distillation
 
     if not ON_CUDA:
         pytest.skip("bf16 DeepSpeed is the GPU's (a CPU without native bf16 computes in fp32: leaf_ray/models.py)")
-    cfg = distill_config(tmp_path, tiny_pair, "bf16", deepspeed={"zero_stage": 1, "precision": "bf16"})
+    cfg = distill_config(tmp_path, pair, "bf16", deepspeed={"zero_stage": 1, "precision": "bf16"})
     result = run_distillation(cfg, variant="leaf_instr")
     summary, weights = exported(result.export_dir.parent)
     assert all(torch.isfinite(w.float()).all() for w in weights.values())
@@ -248,7 +282,7 @@ def test_bf16_distillation_on_the_device_stays_within_the_bf16_tolerance(cpu_dis
 # --------------------------------------------------------------------------- the sharded teacher gang
 
 
-def test_sharded_gang_at_world_size_one_matches_the_unsharded_teacher(tiny_pair, tiny_tokenizer):
+def test_sharded_gang_at_world_size_one_matches_the_unsharded_teacher(pair, tokenizer):
     """FSDP2 sharding of the frozen teacher on an nccl (gloo in the dry run) group of one, with the gang's
     saliency: the unsharded model's norms to 1e-4."""
     import torch.distributed as dist
@@ -262,9 +296,9 @@ def test_sharded_gang_at_world_size_one_matches_the_unsharded_teacher(tiny_pair,
 
     device = local_process_group(DEVICE)
     assert str(dist.get_backend()) == ("nccl" if ON_CUDA else "gloo")
-    r = render(tiny_tokenizer, "Ann has 5 pens. The sky is blue. She buys 2. How many pens?", "5 + 2 = 7.")
+    r = render(tokenizer, "Ann has 5 pens. The sky is blue. She buys 2. How many pens?", "5 + 2 = 7.")
     ids, target = torch.tensor([r.input_ids]), torch.tensor([r.target_mask])
-    ref = ModelRef(path=tiny_pair["teacher"])
+    ref = ModelRef(path=pair["teacher"])
     want = token_saliency(load_model(ref, dtype="float32", device=device.type).to(device), ids,
                           torch.ones_like(ids), target)
     from torch.distributed.device_mesh import init_device_mesh
@@ -278,7 +312,7 @@ def test_sharded_gang_at_world_size_one_matches_the_unsharded_teacher(tiny_pair,
 # --------------------------------------------------------------------------- generation and evaluation
 
 
-def test_generation_and_evaluation_on_the_device_match_cpu(cfg_factory, tmp_path, tiny_pair):
+def test_generation_and_evaluation_on_the_device_match_cpu(pair, tmp_path):
     """Greedy generation through the transformers backend (the GPU when visible) and evaluation: the CPU's
     completions on >= 90% of prompts, and the same accuracy within one problem."""
     import pyarrow.parquet as pq
@@ -294,14 +328,14 @@ def test_generation_and_evaluation_on_the_device_match_cpu(cfg_factory, tmp_path
     sections = {"evaluation": {"benchmarks": [{"name": "sums", "format": "gsm8k", "path": str(bench)}]},
                 "generation": {"backend": "transformers", "max_new_tokens": 16, "inline_max_prompts": 64},
                 "tracking": {"enabled": False}}
-    device_cfg = cfg_factory(run={"name": "gen-device"}, **sections)
-    cpu_cfg = cfg_factory(run={"name": "gen-cpu"}, **sections)
+    device_cfg = config(tmp_path, pair, "gen-device", **sections)
+    cpu_cfg = config(tmp_path, pair, "gen-cpu", **sections)
     (tmp_path / "gen-cpu.yaml").write_text(cpu_cfg.to_yaml())
-    got = run_evaluation(device_cfg, ModelRef(path=tiny_pair["student"]), label="student")
+    got = run_evaluation(device_cfg, ModelRef(path=pair["student"]), label="student")
     cpu_subprocess("from leaf_ray.config import load_config, ModelRef\n"
                    "from leaf_ray.evaluate.runner import run_evaluation\n"
                    f"run_evaluation(load_config({str(tmp_path / 'gen-cpu.yaml')!r}), "
-                   f"ModelRef(path={tiny_pair['student']!r}), label='student')\n", tmp_path)
+                   f"ModelRef(path={pair['student']!r}), label='student')\n", tmp_path)
     read = lambda cfg: pq.read_table(str(RunDir.of(cfg).eval("student") / "sums.parquet")).to_pylist()  # noqa: E731
     device_rows, cpu_rows = read(device_cfg), read(cpu_cfg)
     completion = next(k for k in device_rows[0] if "completion" in k or "response" in k)
@@ -311,7 +345,7 @@ def test_generation_and_evaluation_on_the_device_match_cpu(cfg_factory, tmp_path
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="vLLM runs on the GPU here (the CPU build is tests/test_vllm.py's)")
-def test_vllm_on_the_device_generates_what_transformers_does(tiny_pair):
+def test_vllm_on_the_device_generates_what_transformers_does(pair):
     """Where vLLM is importable: greedy fp32 completions equal to the transformers backend's."""
     pytest.importorskip("vllm", reason="vLLM is not installed on this device image")
     from leaf_ray.config import GenerationConfig, ModelRef
@@ -323,7 +357,7 @@ def test_vllm_on_the_device_generates_what_transformers_does(tiny_pair):
         gen = GenerationConfig(backend=backend, max_new_tokens=12,
                                vllm_engine_kwargs={"dtype": "float32", "enforce_eager": True,
                                                    "gpu_memory_utilization": 0.3})
-        engine = make_backend(ModelRef(path=tiny_pair["student"]), gen)
+        engine = make_backend(ModelRef(path=pair["student"]), gen)
         try:
             outs[backend] = engine.generate(prompts)
         finally:
