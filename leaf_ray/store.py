@@ -152,6 +152,8 @@ def check_same_spec(spec_file: Path, spec: dict[str, Any], refuse) -> None:
 def parquet_files(directory: Path, *, recursive: bool = False) -> list[str]:
     """The Parquet files of a directory in a stable order ([] when it does not exist)."""
     if not directory.is_dir():
+        settle_replaced(directory)  # a writer killed mid-swap left the old output aside: it is the output
+    if not directory.is_dir():
         return []
     return sorted(str(p) for p in (directory.rglob if recursive else directory.glob)("*.parquet"))
 
@@ -183,6 +185,7 @@ def replace_parquet_dir(directory: Path, ds: ray.data.Dataset | list[pa.Table] |
     write) or a dataset that wrote no file leaves one empty file of `schema`, so readers still see the
     columns. `spec` is recorded inside as `_spec.json` (Parquet readers skip `_` files)."""
     directory.parent.mkdir(parents=True, exist_ok=True)
+    settle_replaced(directory)
     for leftover in directory.parent.glob(f".{directory.name}.*.tmp"):  # of a killed writer
         shutil.rmtree(leftover, ignore_errors=True)
     staging = directory.with_name(f".{directory.name}.{uuid.uuid4().hex[:8]}.tmp")
@@ -197,9 +200,33 @@ def replace_parquet_dir(directory: Path, ds: ray.data.Dataset | list[pa.Table] |
         pq.write_table(schema.empty_table(), staging / "empty.parquet")
     if spec is not None:
         write_spec(spec_path(staging), spec)
-    shutil.rmtree(directory, ignore_errors=True)
+    # The swap: old aside, new in, old deleted. A kill at any point leaves the old output (under its place or
+    # its aside name, which `settle_replaced` puts back) or the new one; the next write or read settles it.
+    aside = aside_path(directory)
+    if directory.exists():
+        directory.rename(aside)
     staging.rename(directory)
+    shutil.rmtree(aside, ignore_errors=True)
     return directory
+
+
+def aside_path(directory: Path) -> Path:
+    return directory.with_name(f".{directory.name}.old")
+
+
+def settle_replaced(directory: Path) -> None:
+    """Finish or undo a swap of ``replace_parquet_dir`` that a killed writer left: the old output set aside and
+    no new one in its place is put back; one set aside beside a new one is deleted."""
+    aside = aside_path(directory)
+    if not aside.exists():
+        return
+    if directory.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        try:
+            aside.rename(directory)
+        except OSError:  # a live writer has just put the new one in: that is the output
+            pass
 
 
 def spec_path(parquet_dir: Path) -> Path:
