@@ -5,6 +5,12 @@ from __future__ import annotations
 import os
 
 import pytest
+from hang_guard import (  # noqa: F401 (pytest hooks: the per-test timeout that fires in C code)
+    pytest_configure,
+    pytest_handlecrashitem,
+    pytest_timeout_cancel_timer,
+    pytest_timeout_set_timer,
+)
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
