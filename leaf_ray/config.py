@@ -43,6 +43,10 @@ class RayConfig(_Section):
     address: str | None = Field(None, description="Ray address (`auto`, `ray://host:10001`); null = local.")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray instance (null = all).")
     namespace: str = Field("leaf-ray", description="Ray namespace for the job.")
+    stall_timeout_s: float = Field(
+        1800.0, gt=0.0, description="A Ray Data stream (detection, generation) that yields nothing for this long "
+                                    "fails with an error naming the stage (an actor pool that never gets its "
+                                    "resources, a wedged actor); what it committed stays, a rerun resumes.")
 
 
 class TrackingConfig(_Section):

@@ -67,3 +67,43 @@ def cached_tokenizer(ref_json: str):
     from leaf_ray.models import load_tokenizer
 
     return load_tokenizer(ModelRef.model_validate_json(ref_json))
+
+
+class StreamStalled(RuntimeError):
+    """A stream yielded nothing for longer than its bound (`ray.stall_timeout_s`)."""
+
+
+def bounded_stream(items, stall_timeout_s: float | None, what: str):
+    """Yield from ``items`` (a Ray Data iterator, blocking in Ray's C++ core) through a reader thread, so the
+    wait for the next item is bounded: nothing for ``stall_timeout_s`` raises :class:`StreamStalled` naming
+    ``what``. The reader thread is a daemon; Ray's shutdown ends the stream it is blocked in."""
+    import queue
+    import threading
+
+    if not stall_timeout_s:
+        yield from items
+        return
+    box: queue.Queue = queue.Queue(maxsize=64)
+    done = object()
+
+    def read():
+        try:
+            for item in items:
+                box.put(("item", item))
+            box.put(("done", done))
+        except BaseException as e:  # handed to the consumer, raised there
+            box.put(("error", e))
+
+    threading.Thread(target=read, name=f"leaf-ray-stream-{what}", daemon=True).start()
+    while True:
+        try:
+            kind, value = box.get(timeout=stall_timeout_s)
+        except queue.Empty:
+            raise StreamStalled(f"{what}: nothing arrived for {stall_timeout_s:g} s (ray.stall_timeout_s); an actor "
+                                "pool may be waiting for resources it will never get (see `ray status`), or an "
+                                "actor is wedged. What was committed is kept: a rerun resumes.") from None
+        if kind == "done":
+            return
+        if kind == "error":
+            raise value
+        yield value

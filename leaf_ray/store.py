@@ -269,10 +269,47 @@ def drop_uncommitted_parts(tmp: Path, pairs: list[tuple[tuple[Path, ...], Path]]
     return removed
 
 
+class LockNotShared(RuntimeError):
+    """The run directory's filesystem would keep an flock to this node: two nodes could both write."""
+
+
+def local_only_locks(path: Path, mountinfo: str | None = None) -> str | None:
+    """Why an ``flock`` under ``path`` would not hold across nodes, or None. Local filesystems and NFS (v3 with
+    lockd, v4: Linux maps flock to byte-range locks the server arbitrates) hold; an NFS mount with ``nolock``
+    or ``local_lock=flock|all`` keeps flocks on the client, where another node never sees them."""
+    if mountinfo is None:
+        try:
+            mountinfo = Path("/proc/self/mountinfo").read_text()
+        except OSError:
+            return None
+    target, best = str(path.resolve()), None
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if " - " not in line or len(fields) < 6:
+            continue
+        mount_point = fields[4]
+        fstype, *rest = line.split(" - ", 1)[1].split()
+        options = set(fields[5].split(",")) | set((rest[1] if len(rest) > 1 else "").split(","))
+        inside = target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
+        if inside and (best is None or len(mount_point) > len(best[0])):
+            best = (mount_point, fstype, options)
+    if best is None or not best[1].startswith("nfs"):
+        return None
+    mount_point, fstype, options = best
+    local = sorted(o for o in options if o in ("nolock", "local_lock=flock", "local_lock=all"))
+    if local:
+        return (f"{mount_point} is {fstype} mounted with {','.join(local)}: locks stay on this node, so two nodes "
+                "could write one run directory at once. Remount without it, or give each node its own run.name")
+    return None
+
+
 @contextmanager
 def exclusive_lock(lock: Path, refuse):
     """One writer per directory; the OS drops the lock when the process dies (even SIGKILL). Another holder
-    raises `refuse()`."""
+    raises `refuse()`. A filesystem where the lock would not be seen by other nodes is refused first."""
+    reason = local_only_locks(lock.parent)
+    if reason:
+        raise LockNotShared(f"cannot lock {lock}: {reason}")
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:

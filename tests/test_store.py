@@ -71,3 +71,26 @@ def test_a_writer_killed_at_any_step_leaves_the_old_or_the_new_output(tmp_path, 
     assert values(directory) == [7]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clean"]
     assert len(parquet_files(directory)) == 1
+
+
+MOUNTINFO = """\
+22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw
+40 22 0:45 / /shared rw,relatime shared:20 - nfs4 fs:/export rw,vers=4.1,local_lock=none,addr=10.0.0.2
+41 22 0:46 / /scratch rw,relatime shared:21 - nfs fs:/scratch rw,vers=3,nolock,addr=10.0.0.2
+42 41 0:47 / /scratch/deep rw,relatime shared:22 - ext4 /dev/vdb rw
+"""
+
+
+def test_a_run_directory_whose_locks_stay_on_the_node_is_refused(tmp_path):
+    from pathlib import Path
+
+    from leaf_ray.store import LockNotShared, exclusive_lock, local_only_locks
+
+    assert local_only_locks(Path("/work/runs"), MOUNTINFO) is None  # a local disk
+    assert local_only_locks(Path("/shared/runs/a"), MOUNTINFO) is None  # NFSv4: the server arbitrates flocks
+    reason = local_only_locks(Path("/scratch/runs/a"), MOUNTINFO)
+    assert "/scratch is nfs mounted with nolock" in reason and "two nodes" in reason
+    assert local_only_locks(Path("/scratch/deep/x"), MOUNTINFO) is None  # the innermost mount decides
+    with exclusive_lock(tmp_path / ".lock", lambda: RuntimeError("held")):  # this machine's disk holds
+        pass
+    assert issubclass(LockNotShared, RuntimeError)

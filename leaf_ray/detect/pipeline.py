@@ -212,7 +212,8 @@ def run_detection(cfg: LeafConfig, *, console: Console | None = None) -> DetectR
             commits = results.map_batches(commit_part, batch_format="pyarrow", fn_kwargs=commit)
             estimated = estimate_units(cfg, len(target_ids), len(done))
             try:
-                scored_now = drain_with_progress(commits, estimated, console)
+                scored_now = drain_with_progress(commits, estimated, console,
+                                                 stall_timeout_s=cfg.ray.stall_timeout_s)
             finally:
                 remove_gang_placement_groups(gang_tag)
         if det.verification:  # a post-pass over the committed candidates (module docstring of selection.py)

@@ -435,7 +435,7 @@ def generate_and_commit(cfg: LeafConfig, ds, model_ref, out_col: str, judge_fn, 
     ds = generate_dataset(cfg, model_ref, ds, "instruction", out_col, prefix_col=prefix_col)
     commits = ds.map_batches(judge_fn, batch_format="pyarrow",
                              fn_kwargs={"root": str(root), "evaluation": cfg.evaluation.model_dump()})
-    return drain_with_progress(commits, estimated, console, label=label,
+    return drain_with_progress(commits, estimated, console, label=label, stall_timeout_s=cfg.ray.stall_timeout_s,
                                info=lambda totals: f"right {totals['correct']}")
 
 

@@ -240,14 +240,20 @@ class GangTeacherScorer:
 
     def _start_gang(self) -> None:
         import ray
-        from ray.util.placement_group import placement_group
+        from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         bundle = {k: v for k, v in self.rank_resources.items() if v}
         # A placement group made by an actor lives until the job ends: the driver removes those named with
         # its tag when the stream is over (`remove_gang_placement_groups`), and a rebuilt gang its old one.
         self.pg = placement_group([bundle] * self.world_size, strategy="STRICT_PACK", name=self.gang_tag)
-        ray.get(self.pg.ready())
+        try:  # bounded: a gang the cluster can never place is an error, not a wait forever
+            ray.get(self.pg.ready(), timeout=self.timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(self.pg)
+            raise RuntimeError(f"the teacher gang's {self.world_size} bundles of {bundle} on one node (STRICT_PACK) "
+                               f"were not placed within detection.teacher_pool.gang_timeout_s={self.timeout_s:g} s; "
+                               "no node has that much free (see `ray status`)") from None
         fail = self.fail_rank_at_batch if self.gangs_started == 0 else None
         self.gangs_started += 1
         actor = ray.remote(GangRank)

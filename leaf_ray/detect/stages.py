@@ -375,10 +375,11 @@ def check_local_resources(cfg: LeafConfig, cluster: dict[str, float], pools: dic
 
 
 def drain_with_progress(commits, estimated_units: int, console: Console | None, *,
-                        label: str = "detect", info=None) -> int:
+                        label: str = "detect", info=None, stall_timeout_s: float | None = None) -> int:
     """Run the pipeline (a Ray dataset of `commit_part` rows, or any iterable of them) to the end, showing
     committed units per second and the ETA; returns the units. `info(totals)` is the text after the bar
-    (default: counterfactuals and quarantined so far)."""
+    (default: counterfactuals and quarantined so far). A Ray dataset that yields nothing for `stall_timeout_s`
+    fails naming the stage (`raycluster.bounded_stream`)."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -402,7 +403,13 @@ def drain_with_progress(commits, estimated_units: int, console: Console | None, 
                   TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
                   console=console, disable=console is None) as progress:
         task = progress.add_task(label, total=estimated_units, info="")
-        for part in commits.iter_rows() if hasattr(commits, "iter_rows") else commits:
+        if hasattr(commits, "iter_rows"):
+            from leaf_ray.raycluster import bounded_stream
+
+            parts = bounded_stream(commits.iter_rows(), stall_timeout_s, f"{label} (Ray Data stream)")
+        else:
+            parts = commits
+        for part in parts:
             totals.update(part)
             progress.update(task, advance=part["units"], total=max(estimated_units, totals["units"]),
                             info=info(totals))

@@ -108,7 +108,10 @@ def _completions(cfg: LeafConfig, model_ref: ModelRef, items: list[dict], with_p
     init_ray(cfg)
     ds = generate_dataset(cfg, model_ref, ray.data.from_items(items), "prompt", "completion",
                           prefix_col="prefix" if with_prefixes else None)
-    yield from ds.select_columns(["gen_index", "completion"]).iter_rows()
+    from leaf_ray.raycluster import bounded_stream
+
+    yield from bounded_stream(ds.select_columns(["gen_index", "completion"]).iter_rows(), cfg.ray.stall_timeout_s,
+                              "generate (Ray Data stream)")
 
 
 # --------------------------------------------------------------------------- teacher responses
