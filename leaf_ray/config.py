@@ -391,18 +391,36 @@ class BenchmarkRef(_Section):
 CODE_FORMATS = ("humaneval", "leetcode", "livecodebench")
 
 
+class SandboxConfig(_Section):
+    """The code sandbox (leaf_ray/evaluate/sandbox.py, docs/sandbox.md): limits of one run and its isolation."""
+
+    timeout_s: float = Field(10.0, gt=0.0, description="Wall-clock limit of one sandboxed run (program + tests).")
+    memory_mb: int = Field(1024, ge=64, description="Memory of one run: all its processes together (namespaces "
+                           "mode), and RLIMIT_AS of each.")
+    max_processes: int = Field(32, ge=4, le=4096, description="Processes + threads of one run (RLIMIT_NPROC of "
+                               "its own uid).")
+    max_file_mb: int = Field(16, ge=1, le=4096, description="Size of the run's writable directory in all, and "
+                             "of any one file it writes (stdout/stderr included).")
+    isolation: Literal["auto", "namespaces", "hooks"] = Field(
+        "auto",
+        description="namespaces (root + unshare: uid, pid/net/mount/ipc namespaces, seccomp), hooks (Python "
+        "audit hooks only: unisolated) or auto (namespaces). hooks is refused unless allow_unisolated.",
+    )
+    allow_unisolated: bool = Field(
+        False, description="Allow hooks mode (where namespaces are unavailable, or asked for); every verdict is "
+        "then marked unisolated in the predictions and in MLflow.")
+    workers: int = Field(4, ge=1, le=256, description="Sandboxed code checks run at once.")
+
+    def limits(self) -> dict:
+        """Keyword arguments of the sandbox's check functions."""
+        return self.model_dump(exclude={"workers"})
+
+
 class EvaluationConfig(_Section):
     benchmarks: list[BenchmarkRef] = Field(
         default_factory=lambda: [BenchmarkRef(name="gsm_symbolic", format="gsm_symbolic", limit=32)]
     )
-    code_timeout_s: float = Field(10.0, gt=0.0, description="Wall-clock limit of one sandboxed code run.")
-    code_memory_mb: int = Field(1024, ge=64, description="Address-space cap (RLIMIT_AS) of a sandboxed run.")
-    code_max_processes: int = Field(32, ge=4, le=4096, description="RLIMIT_NPROC budget of a sandboxed run.")
-    code_isolation: Literal["auto", "namespaces", "hooks"] = Field(
-        "auto",
-        description="Sandbox mode: namespaces (root + unshare: uid, pid/net/mount namespaces), hooks (Python "
-        "audit hooks only, weaker) or auto (namespaces where available). See leaf_ray/evaluate/sandbox.py.",
-    )
+    sandbox: SandboxConfig = Field(default_factory=lambda: SandboxConfig())
     math_instruction: str = Field(
         "{prompt}\nPlease reason step by step, and put your final answer within \\boxed{}.",
         description="Instruction sent for a math problem; `{prompt}` is replaced by the problem text.",
@@ -412,7 +430,6 @@ class EvaluationConfig(_Section):
         "\n\n{prompt}",
         description="Instruction sent for a code problem; `{prompt}` is replaced by the problem/signature.",
     )
-    code_workers: int = Field(4, ge=1, le=256, description="Sandboxed code checks run at once.")
 
     @model_validator(mode="after")
     def _instructions_have_prompt(self) -> "EvaluationConfig":

@@ -43,7 +43,7 @@ def test_run_evaluation_logs_metrics_and_predictions(ray_local, cfg_factory, tmp
         evaluation={"benchmarks": [{"name": "gsm_symbolic", "format": "gsm_symbolic", "limit": 4},
                                    {"name": "gsm8k_local", "format": "gsm8k", "path": str(tmp_path / "g.jsonl")},
                                    {"name": "humaneval", "format": "humaneval", "limit": 2}],
-                    "code_timeout_s": 5, "code_workers": 2},
+                    "sandbox": {"timeout_s": 5, "workers": 2}},
         tracking={"experiment": "eval-test"},
     )
     symbolic = load_benchmark(cfg.evaluation.benchmarks[0])
@@ -65,6 +65,7 @@ def test_run_evaluation_logs_metrics_and_predictions(ray_local, cfg_factory, tmp
     code = pq.read_table(cfg.run.dir / "eval" / "pre_kd" / "humaneval.parquet").to_pylist()
     assert [r["id"] for r in code] == ["HumanEval/0", "HumanEval/1"]
     assert all(not r["correct"] and r["status"] != "passed" and r["reason"] for r in code)
+    assert [r["unisolated"] for r in code] == [False, False]  # judged in namespaces mode (root CI)
 
     client = MlflowClient(tracking_uri(cfg))
     run = client.get_run(result.run_id)
@@ -75,6 +76,7 @@ def test_run_evaluation_logs_metrics_and_predictions(ray_local, cfg_factory, tmp
     assert metrics["eval.gsm_symbolic.accuracy"] == pytest.approx(by_name["gsm_symbolic"].accuracy)
     assert metrics["eval.gsm_symbolic.n"] == 4
     assert metrics["eval.humaneval.pass_at_1"] == metrics["eval.humaneval.accuracy"] == 0.0
+    assert metrics["eval.humaneval.unisolated"] == 0.0
     assert json.loads(run.data.tags["leaf_ray.benchmarks"]) == [
         ["gsm_symbolic", "math"], ["gsm8k_local", "math"], ["humaneval", "code"]]
     artifacts = sorted(a.path for a in client.list_artifacts(result.run_id, "eval/pre_kd"))

@@ -193,7 +193,7 @@ def test_judging_with_response_prefix_and_code_rows(ray_local, cfg_factory):
     """Verification continues after a response prefix and judges prefix + continuation: a prefix that
     already holds the answer (or a passing program) makes the row correct whatever the tiny model adds."""
     cfg = cfg_factory(generation={"backend": "transformers", "max_new_tokens": 8, "pool": {"num_cpus": 0.5}},
-                      evaluation={"code_timeout_s": 10})
+                      evaluation={"sandbox": {"timeout_s": 10}})
     prints = {"format": "livecodebench", "tests": [{"input": "", "output": "ok", "testtype": "stdin"}],
               "func_name": None}
     rows = [

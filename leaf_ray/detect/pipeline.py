@@ -286,8 +286,7 @@ def run_spec(cfg: LeafConfig, sample_ids: set[str]) -> dict[str, Any]:
         # The verdicts depend on how the models answer and how answers are judged (not on the pool size).
         spec["judging"] = {
             "generation": cfg.generation.model_dump(mode="json", exclude={"pool"}), "seed": cfg.run.seed,
-            "code": cfg.evaluation.model_dump(mode="json", include={"code_timeout_s", "code_memory_mb",
-                                                                    "code_max_processes", "code_isolation"})}
+            "code": cfg.evaluation.sandbox.model_dump(mode="json", exclude={"workers"})}
     return spec
 
 

@@ -319,7 +319,8 @@ class Score:
     correct: the answer matches (math) or every test passed (code, pass@1 of this sample).
     predicted: the extracted answer (math) or program (code); None when nothing could be extracted.
     status: math ``passed``/``failed``; code the sandbox status (``passed``, ``failed``, ``timeout``,
-    ``memory``, ``blocked``, ``error``). reason: why it failed, empty when correct.
+    ``memory``, ``blocked``, ``error``). reason: why it failed, empty when correct. isolation: code only,
+    the sandbox mode that judged it (``namespaces``, or ``hooks`` = unisolated); empty for math.
     """
 
     correct: bool
@@ -327,6 +328,11 @@ class Score:
     status: str
     reason: str
     duration_s: float = 0.0
+    isolation: str = ""
+
+    @property
+    def unisolated(self) -> bool:
+        return self.isolation == "hooks"
 
 
 def score_response(record: dict, response: str, *, timeout_s: float = 10.0, memory_mb: int = 1024,
@@ -345,18 +351,22 @@ def score_response(record: dict, response: str, *, timeout_s: float = 10.0, memo
         return Score(False, None, "failed", "no code found in the response")
     limits = {"timeout_s": timeout_s, "memory_mb": memory_mb, **sandbox_limits}
     fmt = reference["format"]
+    # the tests run in this process against the sandboxed program (sandbox.check_program); the reference
+    # code they need (the HumanEval prompt's helpers, the LeetCode preamble's classes) is the benchmark's own
     if fmt == "humaneval":
         program = humaneval_solution(reference["prompt"], code, reference["entry_point"])
-        result = check_program(program, reference["test"], reference["entry_point"], **limits)
+        result = check_program(program, reference["test"], reference["entry_point"],
+                               reference_code=reference["prompt"], **limits)
     elif fmt == "leetcode":
         program = f"{reference['preamble']}\n\n{code}" if reference["preamble"] else code
-        result = check_program(program, reference["test"], reference["entry_point"], **limits)
+        result = check_program(program, reference["test"], reference["entry_point"],
+                               reference_code=reference["preamble"], **limits)
     elif fmt == "livecodebench":
         program = code
         result = check_io_tests(code, reference["tests"], func_name=reference["func_name"], **limits)
     else:
         raise BenchmarkError(f"record {record['id']!r}: unknown code format {fmt!r}")
-    return Score(result.passed, program, result.status, result.reason, result.duration_s)
+    return Score(result.passed, program, result.status, result.reason, result.duration_s, result.isolation)
 
 
 _FENCE_RE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)

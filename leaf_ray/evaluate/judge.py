@@ -49,7 +49,5 @@ def judge_code(row: dict, response: str, evaluation) -> Verdict:
     if not isinstance(reference, dict) or "format" not in reference:
         return Verdict(False, None, None, NO_REFERENCE)
     score = score_response({"id": row.get("sample_id"), "kind": "code", "prompt": row["instruction"],
-                            "reference": reference}, response, timeout_s=evaluation.code_timeout_s,
-                           memory_mb=evaluation.code_memory_mb, max_processes=evaluation.code_max_processes,
-                           isolation=evaluation.code_isolation)
+                            "reference": reference}, response, **evaluation.sandbox.limits())
     return Verdict(score.correct, score.predicted, None, None if score.correct else f"tests failed: {score.reason}")

@@ -5,7 +5,9 @@ For a model and a label (the variant: teacher, pre_kd, kd, leaf_instr, leaf_inst
 1. load every benchmark (`load_benchmark`), wrap each problem in the configured math/code instruction;
 2. generate all benchmarks' prompts in one pass of the generation actor pool (one model load);
 3. score: math = extract the final answer + `answers_match`; code = run the program and tests in the sandbox
-   (`code_workers` at once; a hostile or broken program is a failure with its reason, never a crash);
+   (`evaluation.sandbox.workers` at once; a hostile or broken program is a failure with its reason, never a
+   crash; where the sandbox is unisolated — hooks mode, only with `evaluation.sandbox.allow_unisolated` —
+   each code row says so in the `unisolated` column and MLflow gets `eval.<benchmark>.unisolated`);
 4. write `<run dir>/eval/<label>/<benchmark>.parquet` (one row per problem) and log, per benchmark,
    `eval.<benchmark>.accuracy` (= pass@1 for code, greedy) plus `.correct`/`.n` to MLflow, with the Parquet
    files as artifacts under `eval/<label>/`. Logged on `mlflow_run_id` when given (e.g. the distillation
@@ -43,6 +45,7 @@ class BenchmarkResult:
     correct: int
     predictions_path: str
     statuses: dict[str, int] = field(default_factory=dict)
+    unisolated: int = 0  # code verdicts given by the unisolated (hooks) sandbox
 
     @property
     def accuracy(self) -> float:
@@ -64,6 +67,7 @@ class EvalResult:
             out[f"eval.{b.name}.n"] = float(b.n)
             if b.kind == "code":
                 out[f"eval.{b.name}.pass_at_1"] = b.accuracy
+                out[f"eval.{b.name}.unisolated"] = float(b.unisolated)
         for kind in sorted({b.kind for b in self.benchmarks}):
             # Not `eval.<x>.accuracy`: `compare` would read it as a benchmark.
             out[f"eval_avg.{kind}.accuracy"] = statistics.fmean(b.accuracy for b in self.benchmarks
@@ -78,6 +82,8 @@ class EvalResult:
             table.add_column(col, justify="right" if col in ("n", "correct", "accuracy") else "left")
         for b in self.benchmarks:
             failures = ", ".join(f"{s}: {n}" for s, n in sorted(b.statuses.items()) if s != "passed")
+            if b.unisolated:
+                failures += f" [{b.unisolated} verdicts UNISOLATED (hooks sandbox)]"
             table.add_row(b.name, b.kind, str(b.n), str(b.correct), f"{100 * b.accuracy:.1f}%", failures)
         console.print(table)
         if self.run_id:
@@ -91,19 +97,17 @@ def instruction_for(record: dict, evaluation: EvaluationConfig) -> str:
 
 def score_records(records: list[dict], completions: list[str], evaluation: EvaluationConfig) -> list:
     """`Score` per record. Math runs on this thread (math-verify's timeouts need the main thread); code
-    runs `code_workers` sandboxes at once (each is its own subprocess)."""
+    runs `sandbox.workers` sandboxes at once (each is its own subprocess)."""
     from leaf_ray.evaluate.benchmarks import score_response
 
-    limits: dict[str, Any] = {"timeout_s": evaluation.code_timeout_s, "memory_mb": evaluation.code_memory_mb,
-                              "max_processes": evaluation.code_max_processes,
-                              "isolation": evaluation.code_isolation}
+    limits: dict[str, Any] = evaluation.sandbox.limits()
     scores: list[Any] = [None] * len(records)
     code_idx = [i for i, r in enumerate(records) if r["kind"] == "code"]
     for i, record in enumerate(records):
         if record["kind"] != "code":
             scores[i] = score_response(record, completions[i])
     if code_idx:
-        with ThreadPoolExecutor(max_workers=evaluation.code_workers) as pool:
+        with ThreadPoolExecutor(max_workers=evaluation.sandbox.workers) as pool:
             futures = {i: pool.submit(score_response, records[i], completions[i], **limits) for i in code_idx}
             for i, fut in futures.items():
                 scores[i] = fut.result()
@@ -129,6 +133,7 @@ def predictions_table(bench: BenchmarkRef, records: list[dict], instructions: li
         "status": pa.array([s.status for s in scores], pa.string()),
         "reason": pa.array([s.reason for s in scores], pa.string()),
         "duration_s": pa.array([float(s.duration_s) for s in scores], pa.float64()),
+        "unisolated": pa.array([s.unisolated for s in scores], pa.bool_()),
     })
 
 
@@ -178,7 +183,7 @@ def run_evaluation(cfg: LeafConfig, model_ref: ModelRef, *, label: str,
         for s in scores:
             statuses[s.status] = statuses.get(s.status, 0) + 1
         results.append(BenchmarkResult(bench.name, bench.kind, len(records), sum(bool(s.correct) for s in scores),
-                                       str(path), statuses))
+                                       str(path), statuses, sum(s.unisolated for s in scores)))
 
     result = EvalResult(label, model_ref.path, None, results)
     if cfg.tracking.enabled:

@@ -1,85 +1,111 @@
-"""Run untrusted Python (model-written code and its tests) in a sandboxed subprocess.
+"""Run untrusted Python (model-written code) in a sandboxed subprocess, and judge it from the parent.
+
+**Verdicts come from the parent, never from the exit status.** :func:`check_program` (HumanEval, LeetCode)
+and the functional tests of :func:`check_io_tests` (LiveCodeBench) send the sandbox the candidate's program
+only. The sandbox runs it; once its top level has returned, a harness bound before the program ran serves
+*calls*: the parent runs the benchmark's own ``check(candidate)`` (or the expected-value comparison) in
+its own process against a proxy, and each ``candidate(*args)`` sends the arguments over a pipe, the sandbox
+calls the entry point and sends the result back as plain data (:func:`sandbox_codec`: exact builtin types
+and the benchmark's helper classes, nothing else). The parent re-builds plain values, so the check's ``==``
+and asserts run no code of the candidate. Tests and expected values never enter the sandbox: not in its
+file, not on its filesystem, not in its memory. Exiting early (``sys.exit``, ``os._exit``, a thread, a
+signal handler, ``atexit``), printing a success line or patching anything in the sandbox can only end the
+run without the calls answered, which is a failure; a program that answers every call correctly has
+solved the tests. stdin tests compare stdout with the expected output in the parent. See docs/sandbox.md.
 
 :func:`run_code` starts the base interpreter (never the project's venv) as
 ``python -I -X utf8 -c <launcher> <config>``: ``-I`` ignores every ``PYTHON*`` variable and the user site and
-puts neither the script directory nor the cwd on ``sys.path``. The launcher (:func:`leaf_ray.evaluate.sandbox_launcher.sandbox_launcher`, sent as
-source text) sets the sandbox up, then runs the program file with ``runpy``. stdin, stdout and stderr are
-files the caller owns. Two isolation modes:
+puts neither the script directory nor the cwd on ``sys.path``. The launcher
+(:func:`leaf_ray.evaluate.sandbox_launcher.sandbox_launcher`, sent as source text) sets the sandbox up, then
+runs the program. stdin, stdout and stderr are files the caller owns. Two isolation modes:
 
 ``namespaces`` — used when the caller is root and a trial run in namespaces works (:func:`sandbox_mode`; our
 dev machines and CI containers). Enforced by the kernel:
 
 - **identity**: the program runs as a fresh unprivileged uid/gid drawn per run (no supplementary groups,
-  ``no_new_privs``): it can write nothing root owns and signal none of the caller's processes;
+  ``no_new_privs``): it can signal none of the caller's processes;
 - **processes**: a new PID namespace whose init is the launcher's child; when the program ends, or the caller
   kills the run, the kernel kills every process left in it, so nothing survives (not even a child that called
-  ``setsid``); ``RLIMIT_NPROC`` on the per-run uid caps processes + threads at ``max_processes``; a fresh
-  ``/proc`` shows only the sandbox's own processes (no other command lines or environments);
-- **network**: a new network namespace with only a down loopback: connecting anywhere, 127.0.0.1 included,
-  fails with "Network is unreachable" (abstract unix sockets are per namespace too; unix sockets under
-  ``/tmp`` are out of sight, see below);
-- **filesystem**: a new mount namespace: ``/tmp`` is the run's fresh working directory (also cwd, ``HOME``
-  and ``TMPDIR``; deleted after the run); ``/var/tmp`` and ``/dev/shm`` are small private tmpfs; the project
-  directory and the caller's home are covered by empty read-only tmpfs (the interpreter's own prefix is
-  bound back read-only when it lives there, e.g. pyenv under ``/root``); everywhere else ordinary
-  permissions apply to the fresh uid: world-readable system files stay readable, nothing is writable;
-- **resources**: ``RLIMIT_AS`` = ``memory_mb``, ``RLIMIT_CPU`` = ``cpu_time_s`` (SIGXCPU), ``RLIMIT_FSIZE`` =
-  ``max_file_mb`` (stdout/stderr are files, so this caps output too), ``RLIMIT_CORE`` = 0; at the wall-clock
-  ``timeout_s`` the caller SIGKILLs the process group (launcher + namespace init).
+  ``setsid``); ``RLIMIT_NPROC`` on the per-run uid caps processes + threads of the whole run at
+  ``max_processes``; a fresh ``/proc`` shows only the sandbox's own processes;
+- **memory of the whole run**: the namespace's init sums the proportional set size of every process in it
+  every 20 ms and kills them all past ``memory_mb`` (cgroup v2 memory/pids controllers are not delegated on
+  our machines: cgroup v1 hybrid); each process also has ``RLIMIT_AS`` = ``memory_mb`` (a MemoryError);
+- **no nested sandboxes**: a seccomp filter refuses unshare, setns, clone with namespace flags, mount and the
+  new mount API, keyrings, bpf and perf_event_open (clone3 answers ENOSYS, libc falls back to clone);
+- **network**: a new network namespace with only a down loopback (IPC and UTS namespaces are new too);
+- **filesystem**: a new mount namespace in which *every* host mount is re-mounted read-only (``/run/lock``,
+  ``/var/tmp`` and any other world-writable host path included); ``/tmp`` is a fresh tmpfs of
+  ``max_file_mb`` in all (also cwd, ``HOME`` and ``TMPDIR``; gone with the namespace), ``/var/tmp`` and
+  ``/dev/shm`` are 1 MB private tmpfs; ``/run``, the project directory and the caller's home are covered by
+  empty read-only tmpfs (the interpreter's own prefix is bound back read-only when it lives there);
+- **time and output**: ``RLIMIT_CPU`` = ``cpu_time_s`` (SIGXCPU), ``RLIMIT_FSIZE`` = ``max_file_mb`` (stdout
+  and stderr are files, so this caps output too), ``RLIMIT_CORE`` = 0; at the wall-clock ``timeout_s`` the
+  caller SIGKILLs the process group (launcher + namespace init).
 
-``hooks`` — the fallback where namespaces are unavailable (not root, or unshare/mount refused); it can also
-be forced. Python-level only, and the program runs as the caller's user: the same resource limits
-(``RLIMIT_NPROC`` = the user's current process count + ``max_processes``), a fresh working directory as cwd,
-the audit hook below, and cleanup by the per-run marker every process of the run carries in its
-environment. Code could get around an audit hook with ``ctypes`` or ``_posixsubprocess`` (which starts
-processes without an audit event), so in this mode both are refused (and with the latter ``subprocess``).
+``hooks`` — Python-level only (audit hooks, rlimits, the caller's user): a program can remove an audit hook
+from pure Python, so this mode is **refused** unless the caller passes ``allow_unisolated=True``
+(``evaluation.sandbox.allow_unisolated``); :class:`SandboxUnavailable` says why namespaces are unavailable.
+Results of this mode carry ``isolation="hooks"`` and are marked unisolated downstream.
 
 Both modes install a ``sys.addaudithook`` hook before the program runs (a second layer in ``namespaces``
-mode): it refuses sockets other than AF_UNIX and every connect/bind/send/name lookup, starting processes
-(fork, exec, spawn, subprocess, os.system), signalling other processes, writing, creating, renaming or
-deleting files outside the working directory, and reading or listing the project directory, the caller's
-home (except the interpreter prefix) or another process's ``/proc`` entry. Refusals raise
-``PermissionError("leaf-ray sandbox: ... is blocked")``.
+mode): it refuses sockets other than AF_UNIX and every connect/bind/send/name lookup, starting processes,
+signalling other processes, writing outside the working directory, and reading the project directory, the
+caller's home or another process's ``/proc`` entry. Refusals raise ``PermissionError("leaf-ray sandbox: ...
+is blocked")``. In hooks mode ctypes and ``_posixsubprocess`` are refused too.
 
 Environment: only ``PATH``, ``LANG``, ``LC_ALL``, ``HOME``, ``TMPDIR`` and the run marker
 ``LEAF_SANDBOX_RUN`` reach the program; the caller's variables (tokens, keys) do not.
-
-The result is an :class:`ExecResult`; :func:`classify` says how its ``status`` and ``reason`` are decided.
 """
 
 from __future__ import annotations
 
+import builtins
 import inspect
 import json
 import os
 import re
 import secrets
+import select
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+
+from leaf_ray.evaluate.sandbox_launcher import sandbox_codec
 
 Isolation = Literal["auto", "namespaces", "hooks"]
 STATUSES = ("passed", "failed", "timeout", "memory", "blocked", "error")
 BLOCKED_MARKER = "leaf-ray sandbox:"
 SETUP_FAILED_EXIT = 121
-_SANDBOX_VIEW = "/tmp"  # where the working directory appears inside the namespaces
+RUN_MEMORY_EXIT = 122  # the namespace's init killed the run: all its processes together were over memory_mb
+MAX_REPORT_BYTES = 64 << 20  # one reply of the sandbox; larger is a malformed report
+_SANDBOX_VIEW = "/tmp"  # where the writable directory appears inside the namespaces
+_REFERENCE_MODULE = "leaf_ray_reference"  # __name__ of the namespace the parent runs the tests in
+
+
+class SandboxUnavailable(RuntimeError):
+    """The requested isolation cannot be had here (and falling back to a weaker one was not allowed)."""
 
 
 @dataclass(frozen=True)
 class ExecResult:
     """How one sandboxed run ended.
 
-    status: ``passed`` (exit 0), ``failed`` (non-zero exit: a failed assert, an exception, a crash),
-    ``timeout`` (wall-clock or CPU limit), ``memory`` (MemoryError under the memory cap, or killed by it),
+    status: ``passed``, ``failed`` (a failed test, an exception, a crash, a missing or malformed report),
+    ``timeout`` (wall-clock or CPU limit), ``memory`` (MemoryError, or the run over its memory limit),
     ``blocked`` (a sandbox rule stopped it: network, processes, files, output size), ``error`` (the sandbox
-    itself could not run the program). reason: one line saying why, empty when passed.
+    itself could not run the program). For :func:`check_program`/:func:`check_io_tests` ``passed`` is the
+    parent's verdict; for a bare :func:`run_code` it only means the program exited 0. reason: one line
+    saying why, empty when passed. isolation: ``namespaces`` or ``hooks`` (unisolated).
     """
 
     passed: bool
@@ -90,6 +116,10 @@ class ExecResult:
     duration_s: float
     isolation: str
     run_id: str = ""  # the LEAF_SANDBOX_RUN marker every process of the run carried
+
+    @property
+    def isolated(self) -> bool:
+        return self.isolation == "namespaces"
 
 
 def run_code(
@@ -102,71 +132,191 @@ def run_code(
     max_processes: int = 32,
     max_file_mb: int = 16,
     isolation: Isolation = "auto",
+    allow_unisolated: bool = False,
     hidden_paths: tuple[str, ...] = (),
     max_output_chars: int = 20_000,
 ) -> ExecResult:
-    """Run `program` (Python source) in the sandbox described in the module docstring.
+    """Run `program` (Python source) in the sandbox described in the module docstring; ``passed`` = exit 0.
 
     cpu_time_s defaults to ``timeout_s`` rounded up + 1 (the wall clock is the tighter limit unless the
     program sleeps). `hidden_paths` are covered in addition to the project directory and the caller's home.
     """
-    if timeout_s <= 0 or memory_mb < 32:
-        raise ValueError(f"run_code: timeout_s must be > 0 and memory_mb >= 32 (got {timeout_s}, {memory_mb})")
-    mode = sandbox_mode() if isolation == "auto" else isolation
-    if mode == "namespaces" and sandbox_mode() != "namespaces":
-        raise RuntimeError("run_code: isolation='namespaces' needs root and working unshare/mount (not here)")
-    return _execute(program, mode, timeout_s=timeout_s, memory_mb=memory_mb, cpu_time_s=cpu_time_s, stdin=stdin,
-                    max_processes=max_processes, max_file_mb=max_file_mb, hidden_paths=hidden_paths,
-                    max_output_chars=max_output_chars)
+    run = _Run(program, _mode(isolation, allow_unisolated), None, timeout_s=timeout_s, memory_mb=memory_mb,
+               cpu_time_s=cpu_time_s, stdin=stdin, max_processes=max_processes, max_file_mb=max_file_mb,
+               hidden_paths=hidden_paths, max_output_chars=max_output_chars)
+    return run.wait_and_finish()
 
 
-def _execute(program: str, mode: str, *, timeout_s: float, memory_mb: int, cpu_time_s: float | None,
-             stdin: str | None, max_processes: int, max_file_mb: int, hidden_paths: tuple[str, ...],
-             max_output_chars: int) -> ExecResult:
-    cpu_time_s = cpu_time_s if cpu_time_s is not None else int(timeout_s) + 1
-    marker = secrets.token_hex(8)
-    base = Path(tempfile.mkdtemp(prefix="leaf-sandbox-"))  # 0700, the caller's: holds outputs and work/
-    work = base / "work"
-    work.mkdir()
-    (work / "main.py").write_text(program, encoding="utf-8")
-    (base / "stdin").write_text(stdin or "", encoding="utf-8")
-    uid = _pick_uid() if mode == "namespaces" else None
-    if uid is not None:
-        os.chown(work, uid, uid)
-        os.chown(work / "main.py", uid, uid)
-    os.chmod(work, 0o700)
-    view = _SANDBOX_VIEW if mode == "namespaces" else str(work)
-    hide = _hidden_paths(hidden_paths)
-    config = {
-        "mode": mode, "work": str(work), "view": view, "uid": uid,
-        "memory_bytes": int(memory_mb) << 20, "cpu_s": max(1, int(cpu_time_s + 0.999)),
-        "fsize_bytes": int(max_file_mb) << 20, "nproc": int(max_processes),
-        "hide": hide, "expose": _exposed_paths(hide),
-    }
-    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
-           "HOME": view, "TMPDIR": view, "LEAF_SANDBOX_RUN": marker}
-    command = [_interpreter(), "-I", "-X", "utf8", "-c", _launcher_source(), json.dumps(config)]
-    started = time.monotonic()
-    timed_out = False
-    try:
-        with open(base / "stdin", "rb") as f_in, open(base / "stdout", "wb") as f_out, \
-                open(base / "stderr", "wb") as f_err:
-            proc = subprocess.Popen(command, stdin=f_in, stdout=f_out, stderr=f_err, cwd=work, env=env,
-                                    start_new_session=True, close_fds=True)
-            try:
-                proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-            finally:
-                _kill_run(proc, marker)
-        duration = time.monotonic() - started
-        stdout = _tail(base / "stdout", max_output_chars)
-        stderr = _tail(base / "stderr", max_output_chars)
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
-    status, reason = classify(proc.returncode, stderr, timed_out=timed_out, timeout_s=timeout_s,
-                              cpu_time_s=cpu_time_s, memory_mb=memory_mb)
-    return ExecResult(status == "passed", status, reason, stdout, stderr, round(duration, 3), mode, marker)
+# --------------------------------------------------------------------------- one run
+
+
+class _ChannelClosed(Exception):
+    """The sandbox ended (or closed its side) before answering."""
+
+
+class _Deadline(Exception):
+    """The run's wall-clock limit passed while waiting for the sandbox."""
+
+
+class _Malformed(Exception):
+    """The sandbox sent something that is not a well-formed report."""
+
+
+class _Run:
+    """One sandboxed process; with `entry_point`, a channel over which :meth:`call` asks it to call
+    the program's entry point."""
+
+    def __init__(self, program: str, mode: str, entry_point: str | None, *, timeout_s: float, memory_mb: int,
+                 cpu_time_s: float | None, stdin: str | None, max_processes: int, max_file_mb: int,
+                 hidden_paths: tuple[str, ...], max_output_chars: int,
+                 find_class: Callable[[str], type | None] = lambda name: None):
+        if timeout_s <= 0 or memory_mb < 32:
+            raise ValueError(f"sandbox: timeout_s must be > 0 and memory_mb >= 32 (got {timeout_s}, {memory_mb})")
+        self.mode, self.timeout_s, self.memory_mb = mode, timeout_s, memory_mb
+        self.cpu_time_s = cpu_time_s if cpu_time_s is not None else int(timeout_s) + 1
+        self.max_output_chars = max_output_chars
+        self.encode, self.decode = sandbox_codec(find_class)
+        self.marker = secrets.token_hex(8)
+        self.base = Path(tempfile.mkdtemp(prefix="leaf-sandbox-"))  # 0700, the caller's: outputs and work/
+        work = self.base / "work"
+        work.mkdir()
+        (work / "main.py").write_text(program, encoding="utf-8")
+        (self.base / "stdin").write_text(stdin or "", encoding="utf-8")
+        uid = _pick_uid() if mode == "namespaces" else None
+        view = _SANDBOX_VIEW if mode == "namespaces" else str(work)
+        hide = _hidden_paths(hidden_paths)
+        config: dict[str, Any] = {
+            "mode": mode, "work": str(work), "view": view, "uid": uid,
+            "memory_bytes": int(memory_mb) << 20, "cpu_s": max(1, int(self.cpu_time_s + 0.999)),
+            "fsize_bytes": int(max_file_mb) << 20, "disk_bytes": int(max_file_mb) << 20, "nproc": int(max_processes),
+            "hide": hide, "expose": _exposed_paths(hide), "harness": None,
+        }
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
+               "HOME": view, "TMPDIR": view, "LEAF_SANDBOX_RUN": self.marker}
+        pass_fds: tuple[int, ...] = ()
+        self.request_fd = self.reply_fd = -1
+        if entry_point is not None:
+            request_read, self.request_fd = os.pipe()
+            self.reply_fd, reply_write = os.pipe()
+            os.set_blocking(self.request_fd, False)
+            pass_fds = (request_read, reply_write)
+            config["harness"] = {"entry_point": entry_point, "fds": list(pass_fds)}
+        command = [_interpreter(), "-I", "-X", "utf8", "-c", _launcher_source(), json.dumps(config)]
+        self.started = time.monotonic()
+        self.deadline = self.started + timeout_s
+        self.timed_out = False
+        try:
+            with open(self.base / "stdin", "rb") as f_in, open(self.base / "stdout", "wb") as f_out, \
+                    open(self.base / "stderr", "wb") as f_err:
+                self.proc = subprocess.Popen(command, stdin=f_in, stdout=f_out, stderr=f_err, cwd=work, env=env,
+                                             start_new_session=True, close_fds=True, pass_fds=pass_fds)
+        except BaseException:
+            self._close_channel()
+            shutil.rmtree(self.base, ignore_errors=True)
+            raise
+        finally:
+            for fd in pass_fds:
+                os.close(fd)
+
+    # -- the channel (parent side)
+    def call(self, args: tuple, kwargs: dict) -> tuple:
+        """Send one call, return the sandbox's reply tuple: ("ok", value) | ("raised", type, message) |
+        ("unsendable", why)."""
+        self._send(self.encode((tuple(args), dict(kwargs))))
+        return self.receive()
+
+    def receive(self) -> tuple:
+        header = self._read_exactly(4)
+        size = int.from_bytes(header, "big")
+        if size > MAX_REPORT_BYTES:
+            raise _Malformed(f"a report of {size} bytes (limit {MAX_REPORT_BYTES})")
+        payload = self._read_exactly(size)
+        try:
+            reply = self.decode(payload)
+        except (ValueError, TypeError, RecursionError, UnicodeDecodeError, OverflowError, MemoryError) as e:
+            raise _Malformed(f"{type(e).__name__}: {str(e)[:200]}") from None
+        if type(reply) is not tuple or not reply or reply[0] not in ("ok", "raised", "unsendable", "ready") \
+                or len(reply) != {"ok": 2, "raised": 3, "unsendable": 2, "ready": 1}[reply[0]] \
+                or not all(type(x) is str for x in reply[2 if reply[0] == "ok" else 1:]):
+            raise _Malformed("not a reply")
+        return reply
+
+    def _remaining(self) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            self.timed_out = True
+            raise _Deadline()
+        return left
+
+    def _send(self, data: bytes) -> None:
+        data = len(data).to_bytes(4, "big") + data
+        while data:
+            _, writable, _ = select.select([], [self.request_fd], [], self._remaining())
+            if writable:
+                try:
+                    data = data[os.write(self.request_fd, data):]
+                except BrokenPipeError:
+                    raise _ChannelClosed() from None
+
+    def _read_exactly(self, n: int) -> bytes:
+        chunks, got = [], 0
+        while got < n:
+            readable, _, _ = select.select([self.reply_fd], [], [], self._remaining())
+            if readable:
+                chunk = os.read(self.reply_fd, min(n - got, 1 << 20))
+                if not chunk:
+                    raise _ChannelClosed()
+                chunks.append(chunk)
+                got += len(chunk)
+        return b"".join(chunks)
+
+    def _close_channel(self) -> None:
+        for fd in (self.request_fd, self.reply_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.request_fd = self.reply_fd = -1
+
+    # -- the end
+    def wait_and_finish(self) -> ExecResult:
+        """Wait for the program to end by itself (up to the deadline), then clean up: how it ended."""
+        try:
+            self.proc.wait(timeout=max(0.0, self.deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.timed_out = True
+        return self.finish()
+
+    def finish(self, verdict: tuple[str, str] | None = None) -> ExecResult:
+        """Kill whatever is left of the run, remove its files; the result with `verdict` (the parent's
+        (status, reason)) or, without one, the status of how the process ended."""
+        self._close_channel()
+        try:
+            _kill_run(self.proc, self.marker)
+            duration = time.monotonic() - self.started
+            stdout = _tail(self.base / "stdout", self.max_output_chars)
+            stderr = _tail(self.base / "stderr", self.max_output_chars)
+        finally:
+            shutil.rmtree(self.base, ignore_errors=True)
+        if verdict is None:
+            verdict = classify(self.proc.returncode, stderr, timed_out=self.timed_out, timeout_s=self.timeout_s,
+                               cpu_time_s=self.cpu_time_s, memory_mb=self.memory_mb)
+        status, reason = verdict
+        return ExecResult(status == "passed", status, reason, stdout, stderr, round(duration, 3), self.mode,
+                          self.marker)
+
+    def ended_early(self, why: str) -> ExecResult:
+        """The program ended (or broke the channel) before the tests were done: never a pass. The status
+        says how it ended (a timeout, the memory limit, a blocked action, ...) when that is known."""
+        try:
+            self.proc.wait(timeout=max(0.0, min(2.0, self.deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            pass
+        if self.proc.poll() is None:
+            return self.finish(("timeout", f"wall-clock limit of {self.timeout_s:g} s exceeded")
+                               if self.timed_out else ("failed", why))
+        result = self.finish()
+        if result.status == "passed":  # exit status 0 says nothing: the tests did not finish
+            return replace(result, passed=False, status="failed", reason=f"{why} (exit status 0)")
+        return result
 
 
 def classify(returncode: int, stderr: str, *, timed_out: bool, timeout_s: float, cpu_time_s: float,
@@ -174,10 +324,10 @@ def classify(returncode: int, stderr: str, *, timed_out: bool, timeout_s: float,
     """(status, reason) from how the process ended; rules in order:
 
     wall clock hit -> timeout; exit 0 -> passed; SIGXCPU (CPU limit) -> timeout; SIGXFSZ -> blocked
-    (file/output size); other signals -> failed; launcher setup failure -> error; MemoryError -> memory; a
-    sandbox refusal (``leaf-ray sandbox:``), PermissionError, a refused fork (BlockingIOError) or a kernel
-    refusal (unreachable network, read-only or permission-denied path) -> blocked; else failed with the
-    last line of the traceback.
+    (file/output size); other signals -> failed; launcher setup failure -> error; the run over its memory
+    limit or a MemoryError -> memory; a sandbox refusal (``leaf-ray sandbox:``), PermissionError, a refused
+    fork (BlockingIOError) or a kernel refusal (unreachable network, read-only or permission-denied path) ->
+    blocked; else failed with the last line of the traceback.
     """
     last_line = _last_error_line(stderr)
     if timed_out:
@@ -196,30 +346,138 @@ def classify(returncode: int, stderr: str, *, timed_out: bool, timeout_s: float,
         return "blocked", f"file size limit exceeded (output or a written file too large): {last_line}"
     if returncode == SETUP_FAILED_EXIT and "leaf-ray sandbox setup failed" in stderr:
         return "error", last_line
+    if returncode == RUN_MEMORY_EXIT and "over the run's memory limit" in last_line:
+        return "memory", last_line[last_line.index(BLOCKED_MARKER) + len(BLOCKED_MARKER):].strip()
     if "MemoryError" in last_line or last_line.endswith("MemoryError"):
         return "memory", f"memory limit of {memory_mb} MB exceeded ({last_line})"
+    if "No space left on device" in last_line:
+        return "blocked", f"the writable directory is full: {last_line}"
     if BLOCKED_MARKER in last_line:
         return "blocked", last_line[last_line.index(BLOCKED_MARKER):]
     kernel_refusals = ("Network is unreachable", "Permission denied", "Read-only file system",
-                       "Resource temporarily unavailable")
+                       "Resource temporarily unavailable", "Operation not permitted")
     if last_line.startswith(("PermissionError", "BlockingIOError")) or any(k in last_line for k in kernel_refusals):
         return "blocked", last_line
     return "failed", last_line or f"exit status {returncode}"
 
 
+# --------------------------------------------------------------------------- judging in the parent
+
+
+class CandidateError(Exception):
+    """The candidate raised an exception that is not a builtin one (or SystemExit & co.) during a call."""
+
+
+def judge_calls(program: str, entry_point: str, tests: Callable[[Callable], Any], *,
+                timeout_s: float = 10.0, memory_mb: int = 1024, isolation: Isolation = "auto",
+                allow_unisolated: bool = False, find_class: Callable[[str], type | None] = lambda name: None,
+                test_source: str = "", **limits: Any) -> ExecResult:
+    """Run `program` in the sandbox, then ``tests(candidate)`` **in this process**, where ``candidate(*a,
+    **kw)`` calls ``eval(entry_point)`` in the sandbox and returns its result re-built as plain values.
+
+    Passed only when `tests` returns normally after at least one call; a failed assert, an exception the
+    candidate raised, an unsendable result, the program ending or going silent, or a malformed report is a
+    failure. `find_class` names the benchmark's helper classes that may cross (e.g. LeetCode's ``ListNode``);
+    `test_source` is the tests' text, for the line of a failed assert in the reason.
+    """
+    run = _Run(program, _mode(isolation, allow_unisolated), entry_point, timeout_s=timeout_s, memory_mb=memory_mb,
+               cpu_time_s=limits.pop("cpu_time_s", None), stdin=None, find_class=find_class,
+               max_processes=limits.pop("max_processes", 32), max_file_mb=limits.pop("max_file_mb", 16),
+               hidden_paths=limits.pop("hidden_paths", ()), max_output_chars=limits.pop("max_output_chars", 20_000))
+    if limits:
+        raise TypeError(f"judge_calls: unknown limit(s) {sorted(limits)}")
+    calls = 0
+
+    def candidate(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        reply = run.call(args, kwargs)
+        if reply[0] == "ok":
+            return reply[1]
+        if reply[0] == "unsendable":
+            raise _Malformed(f"call {calls} returned no plain value ({reply[1]})")
+        name, message = reply[1], reply[2]
+        builtin = getattr(builtins, name, None)
+        if isinstance(builtin, type) and issubclass(builtin, Exception) and builtin.__module__ == "builtins":
+            raise builtin(f"the candidate raised {name}: {message}")
+        raise CandidateError(f"the candidate raised {name}: {message}")
+
+    try:
+        if run.receive() != ("ready",):
+            raise _Malformed("no ready report")
+        tests(candidate)
+        if calls == 0:
+            return run.finish(("failed", "the tests never called the candidate"))
+        return run.finish(("passed", ""))
+    except _Deadline:
+        return run.finish(("timeout", f"wall-clock limit of {timeout_s:g} s exceeded"))
+    except _ChannelClosed:
+        return run.ended_early("the program ended before its tests were done" if calls or run.proc.poll() else
+                               "the program ended before its top level returned")
+    except _Malformed as e:
+        return run.finish(("failed", f"malformed report from the sandbox: {e}"))
+    except AssertionError as e:
+        return run.finish(("failed", _assert_reason(e, test_source)))
+    except Exception as e:  # noqa: BLE001 - anything the tests raised (the candidate's exception included)
+        return run.finish(("failed", f"{type(e).__name__}: {str(e)[:300]}"))
+    finally:
+        if run.request_fd >= 0:  # only when the tests raised BaseException: the run must not survive it
+            run.finish(("failed", "aborted"))
+
+
+def _assert_reason(error: AssertionError, test_source: str) -> str:
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if f.filename == "<reference tests>"]
+    where = ""
+    if frames and test_source:
+        lines = test_source.splitlines()
+        lineno = frames[-1].lineno or 0
+        if 0 < lineno <= len(lines):
+            where = f" at test line {lineno}: {lines[lineno - 1].strip()[:160]}"
+    message = f": {str(error)[:200]}" if str(error) else ""
+    return f"AssertionError{where}{message}"
+
+
+def reference_namespace(reference_code: str, test_code: str) -> tuple[dict, str]:
+    """The namespace the benchmark's tests run in (in the parent): its trusted `reference_code` (HumanEval:
+    the prompt, whose helpers such as ``poly`` the tests use; LeetCode: the preamble with ``ListNode``
+    & co.) and `test_code`; with the source text, for reasons."""
+    source = f"{reference_code}\n\n{test_code}\n"
+    namespace: dict[str, Any] = {"__name__": _REFERENCE_MODULE}
+    exec(compile(source, "<reference tests>", "exec"), namespace)  # noqa: S102 - the benchmark's own code
+    return namespace, source
+
+
+def reference_classes(namespace: dict) -> Callable[[str], type | None]:
+    """Classes the reference code defined itself: the only non-builtin types that may cross the channel."""
+    def find_class(name: str) -> type | None:
+        cls = namespace.get(name)
+        return cls if isinstance(cls, type) and cls.__module__ == _REFERENCE_MODULE else None
+
+    return find_class
+
+
 # --------------------------------------------------------------------------- HumanEval / LeetCode / LiveCodeBench
 
 
-def check_program(solution_code: str, test_code: str, entry_point: str, *, timeout_s: float = 10.0,
-                  memory_mb: int = 1024, **limits) -> ExecResult:
-    """HumanEval-style check: ``solution_code + test_code + check(entry_point)`` must exit 0.
+def check_program(solution_code: str, test_code: str, entry_point: str, *, reference_code: str = "",
+                  timeout_s: float = 10.0, memory_mb: int = 1024, **limits: Any) -> ExecResult:
+    """HumanEval-style check: the sandbox runs `solution_code` only; the parent runs `test_code`'s
+    ``check(candidate)`` against a proxy of ``eval(entry_point)`` (:func:`judge_calls`).
 
     `solution_code` is the complete solution (for HumanEval: prompt + completion, see
-    :func:`humaneval_solution`); `test_code` defines ``check(candidate)``; `entry_point` is the expression
-    passed to it (``"has_close_elements"``, or ``"Solution().twoSum"`` for LeetCode).
+    :func:`humaneval_solution`); `test_code` defines ``check(candidate)``; `reference_code` is trusted code
+    the tests need in their namespace (the HumanEval prompt, the LeetCode preamble); `entry_point` is the
+    expression called (``"has_close_elements"``, or ``"Solution().twoSum"`` for LeetCode).
     """
-    program = f"{solution_code}\n\n{test_code}\n\ncheck({entry_point})\n"
-    return run_code(program, timeout_s=timeout_s, memory_mb=memory_mb, **limits)
+    try:
+        namespace, source = reference_namespace(reference_code, test_code)
+    except Exception as e:  # a broken benchmark record, not the candidate's fault
+        raise ValueError(f"check_program: the reference tests do not run: {type(e).__name__}: {e}") from e
+    check = namespace.get("check")
+    if not callable(check):
+        raise TypeError("check_program: test_code defines no check(candidate) function")
+    return judge_calls(solution_code, entry_point, check, timeout_s=timeout_s, memory_mb=memory_mb,
+                       find_class=reference_classes(namespace), test_source=source, **limits)
 
 
 def humaneval_solution(prompt: str, completion: str, entry_point: str) -> str:
@@ -235,10 +493,11 @@ def check_io_tests(solution_code: str, tests: list[dict], *, func_name: str | No
                    timeout_s: float = 10.0, memory_mb: int = 1024, **limits) -> ExecResult:
     """LiveCodeBench-style tests: each ``{"input": str, "output": str, "testtype": "stdin"|"functional"}``.
 
-    stdin tests run the program once per test with `input` on stdin and compare stdout with `output`
-    (:func:`outputs_match`); the first failing test stops the check. functional tests call
-    ``Solution().<func_name>(*args)`` (or a top-level ``func_name``) with `input` = one JSON value per line
-    and compare with the JSON `output`, all in one run.
+    stdin tests run the program once per test with `input` on stdin; the parent compares stdout with
+    `output` (:func:`outputs_match`); the first failing test stops the check. functional tests call
+    ``Solution().<func_name>(*args)`` (or a top-level ``func_name``) with `input` = one JSON value per line,
+    all in one run through :func:`judge_calls`; the parent compares each result with the JSON `output`
+    by type and value (:func:`same_value`; tuples read as lists).
     """
     if not tests:
         raise ValueError("check_io_tests: no test cases")
@@ -249,20 +508,51 @@ def check_io_tests(solution_code: str, tests: list[dict], *, func_name: str | No
         result = run_code(solution_code, stdin=test["input"], timeout_s=timeout_s, memory_mb=memory_mb, **limits)
         if result.status == "passed" and not outputs_match(result.stdout, test["output"]):
             expected = test["output"].strip()[:80]
-            result = ExecResult(False, "failed", f"stdin test {i}: wrong output (expected {expected!r}, got "
-                                f"{result.stdout.strip()[:80]!r})", result.stdout, result.stderr,
-                                result.duration_s, result.isolation, result.run_id)
+            result = replace(result, passed=False, status="failed", reason=f"stdin test {i}: wrong output "
+                             f"(expected {expected!r}, got {result.stdout.strip()[:80]!r})")
         elif result.status != "passed":
-            result = _with_reason(result, f"stdin test {i}: {result.reason}")
+            result = replace(result, reason=f"stdin test {i}: {result.reason}")
         if not result.passed:
             return result
         last = result
     if functional:
-        if not func_name:
-            raise ValueError("check_io_tests: functional tests need func_name (metadata.func_name)")
-        program = solution_code + "\n\n" + _functional_harness(func_name, functional)
-        last = run_code(program, timeout_s=timeout_s, memory_mb=memory_mb, **limits)
+        if not func_name or not func_name.isidentifier():
+            raise ValueError(f"check_io_tests: functional tests need func_name (metadata.func_name), got {func_name!r}")
+        cases = [([json.loads(line) for line in t["input"].strip().splitlines() if line.strip()],
+                  json.loads(t["output"])) for t in functional]
+
+        def run_cases(candidate: Callable) -> None:
+            for i, (args, expected) in enumerate(cases):
+                got = candidate(*args)
+                if not same_value(got, expected):
+                    raise AssertionError(f"functional test {i}: expected {_short(expected)}, got {_short(got)}")
+
+        entry = f"(Solution().{func_name} if 'Solution' in globals() else {func_name})"
+        last = judge_calls(solution_code, entry, run_cases, timeout_s=timeout_s, memory_mb=memory_mb, **limits)
     return last
+
+
+def same_value(got: Any, expected: Any) -> bool:
+    """`got` equals `expected` by type and value: exact builtin types (bool is not a number); int and float
+    compare as numbers; NaN equals nothing; tuples in `got` read as lists (JSON has no tuples)."""
+    if type(got) is tuple:
+        got = list(got)
+    if type(got) is bool or type(expected) is bool:
+        return type(got) is type(expected) and got == expected
+    if type(got) in (int, float) and type(expected) in (int, float):
+        return got == expected
+    if type(got) is not type(expected):
+        return False
+    if type(got) is list:
+        return len(got) == len(expected) and all(same_value(a, b) for a, b in zip(got, expected))
+    if type(got) is dict:
+        return got.keys() == expected.keys() and all(same_value(got[k], expected[k]) for k in expected)
+    return type(got) in (str, type(None)) and got == expected
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def outputs_match(actual: str, expected: str) -> bool:
@@ -287,42 +577,51 @@ def outputs_match(actual: str, expected: str) -> bool:
     return True
 
 
-def _functional_harness(func_name: str, tests: list[dict]) -> str:
-    cases = [{"input": t["input"], "output": t["output"]} for t in tests]
-    return (
-        "import json as _json\n"
-        f"_cases = _json.loads({json.dumps(json.dumps(cases))})\n"
-        f"_fn = getattr(Solution(), {func_name!r}) if 'Solution' in globals() else globals()[{func_name!r}]\n"
-        "for _i, _case in enumerate(_cases):\n"
-        "    _args = [_json.loads(_line) for _line in _case['input'].strip().splitlines() if _line.strip()]\n"
-        "    _expected = _json.loads(_case['output'])\n"
-        "    _got = _fn(*_args)\n"
-        "    if isinstance(_got, tuple):\n"
-        "        _got = list(_got)\n"
-        "    assert _got == _expected, f'functional test {_i}: expected {_expected!r}, got {_got!r}'\n"
-    )
-
-
-def _with_reason(result: ExecResult, reason: str) -> ExecResult:
-    return ExecResult(result.passed, result.status, reason, result.stdout, result.stderr, result.duration_s,
-                      result.isolation, result.run_id)
-
 
 # --------------------------------------------------------------------------- mode, uid, paths, cleanup
 
 
-@lru_cache(maxsize=1)
 def sandbox_mode() -> str:
     """``namespaces`` when this process is root and a trial program runs in namespaces mode, else ``hooks``
     (see the module docstring). Decided once per process."""
+    return "namespaces" if _namespaces_probe() is None else "hooks"
+
+
+def namespaces_unavailable_reason() -> str | None:
+    """Why namespaces mode cannot run here (None when it can)."""
+    return _namespaces_probe()
+
+
+def _mode(isolation: str, allow_unisolated: bool) -> str:
+    """The mode a run uses: namespaces where possible; hooks only when asked for or allowed."""
+    if isolation not in ("auto", "namespaces", "hooks"):
+        raise ValueError(f"sandbox isolation must be auto|namespaces|hooks, got {isolation!r}")
+    why = _namespaces_probe() if isolation != "hooks" else None
+    if isolation == "namespaces" and why:
+        raise SandboxUnavailable(f"sandbox isolation 'namespaces' is unavailable here: {why}")
+    if isolation == "hooks" or why:
+        if not allow_unisolated:
+            cause = f"namespaces are unavailable here ({why})" if why else "isolation 'hooks' was asked for"
+            raise SandboxUnavailable(
+                f"code sandbox refused: {cause}; hooks mode is Python-level only (a program can remove its audit "
+                "hook and then act as this user), so it runs only with evaluation.sandbox.allow_unisolated: "
+                "true, and every verdict is then marked unisolated")
+        return "hooks"
+    return "namespaces"
+
+
+@lru_cache(maxsize=1)
+def _namespaces_probe() -> str | None:
     if os.geteuid() != 0:
-        return "hooks"
+        return f"not root (euid {os.geteuid()}): namespaces mode needs root for unshare, mount and a per-run uid"
     try:
-        trial = _execute("print('ok')", "namespaces", timeout_s=60, memory_mb=256, cpu_time_s=None, stdin=None,
-                         max_processes=8, max_file_mb=1, hidden_paths=(), max_output_chars=1000)
-    except OSError:
-        return "hooks"
-    return "namespaces" if trial.status == "passed" and trial.stdout.strip() == "ok" else "hooks"
+        trial = _Run("print('ok')", "namespaces", None, timeout_s=60, memory_mb=256, cpu_time_s=None, stdin=None,
+                     max_processes=8, max_file_mb=1, hidden_paths=(), max_output_chars=1000).wait_and_finish()
+    except OSError as e:
+        return f"the trial run could not start ({e})"
+    if trial.status == "passed" and trial.stdout.strip() == "ok":
+        return None
+    return f"the trial run failed ({trial.status}: {trial.reason or trial.stderr.strip()[-200:]})"
 
 
 def _interpreter() -> str:
@@ -425,4 +724,4 @@ def _last_error_line(stderr: str) -> str:
 def _launcher_source() -> str:
     from leaf_ray.evaluate.sandbox_launcher import sandbox_launcher
 
-    return inspect.getsource(sandbox_launcher) + "\nsandbox_launcher()\n"
+    return f"{inspect.getsource(sandbox_codec)}\n{inspect.getsource(sandbox_launcher)}\nsandbox_launcher()\n"
