@@ -220,10 +220,15 @@ class _Run:
 
     # -- the channel (parent side)
     def call(self, args: tuple, kwargs: dict) -> tuple:
-        """Send one call, return the sandbox's reply tuple: ("ok", value) | ("raised", type, message) |
-        ("unsendable", why)."""
-        self._send(self.encode((tuple(args), dict(kwargs))))
-        return self.receive()
+        """Send one call, return the sandbox's reply: ("ok", value) | ("raised", type, message) |
+        ("unsendable", why). Each call carries a fresh nonce the reply must echo: replies written before
+        the call (say, forged onto the channel by the program's top level) are malformed."""
+        nonce = secrets.token_hex(16)
+        self._send(self.encode((nonce, tuple(args), dict(kwargs))))
+        reply = self.receive()
+        if reply[0] == "ready" or reply[1] != nonce:
+            raise _Malformed("a reply that does not answer this call")
+        return (reply[0], *reply[2:])
 
     def receive(self) -> tuple:
         header = self._read_exactly(4)
@@ -235,9 +240,9 @@ class _Run:
             reply = self.decode(payload)
         except (ValueError, TypeError, RecursionError, UnicodeDecodeError, OverflowError, MemoryError) as e:
             raise _Malformed(f"{type(e).__name__}: {str(e)[:200]}") from None
-        if type(reply) is not tuple or not reply or reply[0] not in ("ok", "raised", "unsendable", "ready") \
-                or len(reply) != {"ok": 2, "raised": 3, "unsendable": 2, "ready": 1}[reply[0]] \
-                or not all(type(x) is str for x in reply[2 if reply[0] == "ok" else 1:]):
+        shapes = {"ok": 3, "raised": 4, "unsendable": 3, "ready": 1}  # kind, nonce, ...
+        if type(reply) is not tuple or not reply or reply[0] not in shapes or len(reply) != shapes[reply[0]] \
+                or not all(type(x) is str for x in (reply[1:2] if reply[0] == "ok" else reply[1:])):
             raise _Malformed("not a reply")
         return reply
 

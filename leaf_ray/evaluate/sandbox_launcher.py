@@ -401,13 +401,13 @@ def sandbox_launcher() -> None:  # one self-contained function: it is sent as so
         request = receive()
         if request is None:
             return
-        args, kwargs = decode(request)
+        nonce, args, kwargs = decode(request)  # the nonce ties the reply to this call
         try:
-            reply = ("ok", candidate(*args, **kwargs))
+            reply = ("ok", nonce, candidate(*args, **kwargs))
         except BaseException as e:  # noqa: BLE001 - SystemExit too: the parent sees a raised exception
-            reply = ("raised", exc_name(e).__name__, str(e)[:300])
+            reply = ("raised", nonce, exc_name(e).__name__, str(e)[:300])
         try:
             payload = encode(reply)
         except Exception as e:  # noqa: BLE001 - the result is not a plain value
-            payload = encode(("unsendable", f"{exc_name(e).__name__}: {e}"[:300]))
+            payload = encode(("unsendable", nonce, f"{exc_name(e).__name__}: {e}"[:300]))
         send(payload)
