@@ -330,6 +330,18 @@ def bench_ingest(
     run_ingest_bench(resolve(config, set_), console, records=records)
 
 
+@bench_app.command("sandbox")
+def bench_sandbox(
+    problems: Annotated[int, typer.Option(help="HumanEval canonical solutions judged by each sandbox.")] = 40,
+    workers: Annotated[int, typer.Option(help="Programs at once in the throughput pass.")] = 4,
+    baseline_rev: Annotated[str, typer.Option(help="Git revision whose sandbox is the baseline.")] = "cc36edc",
+) -> None:
+    """Cost per program of the code sandbox vs a baseline revision's (issue 24: within 1.5x)."""
+    from leaf_ray.bench.sandbox import run_sandbox_bench
+
+    run_sandbox_bench(console, problems=problems, workers=workers, baseline_rev=baseline_rev)
+
+
 @bench_app.command("distill")
 def bench_distill(
     config: ConfigOpt = None,

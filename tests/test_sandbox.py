@@ -524,6 +524,11 @@ def test_check_program_leetcode_style_with_helper_classes():
     missing = check_program(solution, test, "Solution().reverseList", reference_code=preamble, timeout_s=10,
                             memory_mb=256, allow_unisolated=not NAMESPACES)
     assert missing.status == "failed" and "NameError" in missing.reason, missing
+    # a cycle makes the tests' own walk endless: the run's deadline stops the tests here too
+    cycle = solution.replace("return prev", "head = ListNode(1)\n        head.next = head\n        return head")
+    endless = check_program(preamble + cycle, test, "Solution().reverseList", reference_code=preamble,
+                            timeout_s=2, memory_mb=256, allow_unisolated=not NAMESPACES)
+    assert (endless.status, endless.reason) == ("timeout", "wall-clock limit of 2 s exceeded"), endless
 
 
 def test_check_io_tests_stdin_and_functional():

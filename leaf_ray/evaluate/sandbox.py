@@ -87,9 +87,10 @@ STATUSES = ("passed", "failed", "timeout", "memory", "blocked", "error")
 BLOCKED_MARKER = "leaf-ray sandbox:"
 SETUP_FAILED_EXIT = 121
 RUN_MEMORY_EXIT = 122  # the namespace's init killed the run: all its processes together were over memory_mb
-MAX_REPORT_BYTES = 64 << 20  # one reply of the sandbox; larger is a malformed report
+MAX_REPORT_BYTES = 16 << 20  # one reply of the sandbox; larger is a malformed report
 _SANDBOX_VIEW = "/tmp"  # where the writable directory appears inside the namespaces
 _REFERENCE_MODULE = "leaf_ray_reference"  # __name__ of the namespace the parent runs the tests in
+_OWN_FILES = {__file__, sandbox_codec.__code__.co_filename}
 
 
 class SandboxUnavailable(RuntimeError):
@@ -154,8 +155,8 @@ class _ChannelClosed(Exception):
     """The sandbox ended (or closed its side) before answering."""
 
 
-class _Deadline(Exception):
-    """The run's wall-clock limit passed while waiting for the sandbox."""
+class _Deadline(BaseException):  # not an Exception: the tests' own `except Exception` must not swallow it
+    """The run's wall-clock limit passed (waiting for the sandbox, or in the tests themselves)."""
 
 
 class _Malformed(Exception):
@@ -410,7 +411,7 @@ def judge_calls(program: str, entry_point: str, tests: Callable[[Callable], Any]
     try:
         if run.receive() != ("ready",):
             raise _Malformed("no ready report")
-        tests(candidate)
+        _before_deadline(run.deadline, tests, candidate)
         if calls == 0:
             return run.finish(("failed", "the tests never called the candidate"))
         return run.finish(("passed", ""))
@@ -428,6 +429,23 @@ def judge_calls(program: str, entry_point: str, tests: Callable[[Callable], Any]
     finally:
         if run.request_fd >= 0:  # only when the tests raised BaseException: the run must not survive it
             run.finish(("failed", "aborted"))
+
+
+def _before_deadline(deadline: float, tests: Callable, candidate: Callable) -> None:
+    """``tests(candidate)`` in this thread, stopped at `deadline`: the tests walk values the candidate built
+    (say, a linked list with a cycle), so they too must not run forever."""
+    def tracer(frame, event, arg):
+        if time.monotonic() > deadline:
+            raise _Deadline()
+        # the channel and the codec (this package) wait with their own deadline: no line events there
+        return None if frame.f_code.co_filename in _OWN_FILES else tracer
+
+    previous = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        tests(candidate)
+    finally:
+        sys.settrace(previous)
 
 
 def _assert_reason(error: AssertionError, test_source: str) -> str:
