@@ -51,7 +51,7 @@ from typing import Any
 
 from leaf_ray.config import BenchmarkRef
 from leaf_ray.evaluate.answers import answers_match, extract_answer, last_boxed
-from leaf_ray.evaluate.sandbox import check_io_tests, check_program, humaneval_solution
+from leaf_ray.evaluate.sandbox import check_io_tests, check_program, humaneval_reference, humaneval_solution
 
 GSM_SYMBOLIC_EVAL_SEED = 1_000_000_000
 GSM_SYMBOLIC_DEFAULT_SIZE = 200
@@ -356,7 +356,7 @@ def score_response(record: dict, response: str, *, timeout_s: float = 10.0, memo
     if fmt == "humaneval":
         program = humaneval_solution(reference["prompt"], code, reference["entry_point"])
         result = check_program(program, reference["test"], reference["entry_point"],
-                               reference_code=reference["prompt"], **limits)
+                               reference_code=humaneval_reference(reference["prompt"]), **limits)
     elif fmt == "leetcode":
         program = f"{reference['preamble']}\n\n{code}" if reference["preamble"] else code
         result = check_program(program, reference["test"], reference["entry_point"],

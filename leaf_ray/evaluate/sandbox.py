@@ -518,6 +518,20 @@ def humaneval_solution(prompt: str, completion: str, entry_point: str) -> str:
     return prompt + completion
 
 
+def humaneval_reference(prompt: str) -> str:
+    """The prompt as reference code for the tests' namespace (its imports and helpers, e.g. ``poly``): as is
+    when it compiles (HumanEval's do: the stub's docstring is its body), else with a ``pass`` body, else
+    only its import lines."""
+    imports = "\n".join(ln for ln in prompt.splitlines() if ln.startswith(("import ", "from ")))
+    for candidate in (prompt, prompt.rstrip() + "\n    pass\n"):
+        try:
+            compile(candidate, "<prompt>", "exec")
+            return candidate
+        except SyntaxError:
+            continue
+    return imports
+
+
 def check_io_tests(solution_code: str, tests: list[dict], *, func_name: str | None = None,
                    timeout_s: float = 10.0, memory_mb: int = 1024, **limits) -> ExecResult:
     """LiveCodeBench-style tests: each ``{"input": str, "output": str, "testtype": "stdin"|"functional"}``.
