@@ -108,6 +108,9 @@ MEAN_TESTS = (f"TOKEN = {TEST_TOKEN!r}\n"
               "def check(candidate):\n"
               "    assert abs(candidate([1, 2, 3]) - 2.0) < 1e-9, TOKEN\n"
               "    assert not (candidate([1, 3]) != 2.0), TOKEN\n")
+SWALLOWING_TESTS = ("def check(candidate):\n"  # tests that tolerate exceptions: a broken run must still fail
+                    "    for xs in ([3, 1], [2]):\n        try:\n            candidate(xs)\n"
+                    "        except Exception:\n            pass\n")
 WRONG = "def sort_unique(xs):\n    return list(xs)\n"  # the honest-but-wrong answer most cases carry
 LIBC = "import ctypes, os, time\nlibc = ctypes.CDLL(None, use_errno=True)\n"
 
@@ -219,6 +222,10 @@ CORPUS: dict[str, tuple[str, set[str], dict]] = {
                                "def sort_unique(xs):\n    calls.append(1)\n    if len(calls) > 1:\n        os._exit(0)\n"
                                "    return sorted(set(xs))\n"), {"failed"}, {}),
     "returns a generator": ("def sort_unique(xs):\n    return (x for x in sorted(set(xs)))\n", {"failed"}, {}),
+    "os._exit(0) under tests that swallow exceptions": (
+        "import os\ndef sort_unique(xs):\n    os._exit(0)\n", {"failed"}, {"tests": SWALLOWING_TESTS}),
+    "unsendable result under tests that swallow exceptions": (
+        "def sort_unique(xs):\n    return iter(xs)\n", {"failed"}, {"tests": SWALLOWING_TESTS}),
     "returns 100 MB": ("def sort_unique(xs):\n    return 'x' * (100 << 20)\n", {"failed", "memory"}, {}),
 }
 

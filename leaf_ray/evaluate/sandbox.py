@@ -151,7 +151,9 @@ def run_code(
 # --------------------------------------------------------------------------- one run
 
 
-class _ChannelClosed(Exception):
+# Not Exceptions: a test's own `except Exception` around a call must not swallow a broken channel (and
+# judge_calls also remembers the first one, so even a swallowed one fails the verdict).
+class _ChannelClosed(BaseException):
     """The sandbox ended (or closed its side) before answering."""
 
 
@@ -159,7 +161,7 @@ class _Deadline(BaseException):  # not an Exception: the tests' own `except Exce
     """The run's wall-clock limit passed (waiting for the sandbox, or in the tests themselves)."""
 
 
-class _Malformed(Exception):
+class _Malformed(BaseException):
     """The sandbox sent something that is not a well-formed report."""
 
 
@@ -393,15 +395,22 @@ def judge_calls(program: str, entry_point: str, tests: Callable[[Callable], Any]
     if limits:
         raise TypeError(f"judge_calls: unknown limit(s) {sorted(limits)}")
     calls = 0
+    broken: list[BaseException] = []  # the first channel failure, even if the tests caught it
 
     def candidate(*args: Any, **kwargs: Any) -> Any:
         nonlocal calls
         calls += 1
-        reply = run.call(args, kwargs)
+        if broken:
+            raise broken[0]
+        try:
+            reply = run.call(args, kwargs)
+            if reply[0] == "unsendable":
+                raise _Malformed(f"call {calls} returned no plain value ({reply[1]})")
+        except (_ChannelClosed, _Malformed, _Deadline) as e:
+            broken.append(e)
+            raise
         if reply[0] == "ok":
             return reply[1]
-        if reply[0] == "unsendable":
-            raise _Malformed(f"call {calls} returned no plain value ({reply[1]})")
         name, message = reply[1], reply[2]
         builtin = getattr(builtins, name, None)
         if isinstance(builtin, type) and issubclass(builtin, Exception) and builtin.__module__ == "builtins":
@@ -412,6 +421,10 @@ def judge_calls(program: str, entry_point: str, tests: Callable[[Callable], Any]
         if run.receive() != ("ready",):
             raise _Malformed("no ready report")
         _before_deadline(run.deadline, tests, candidate)
+        if broken:
+            raise broken[0]
+        if time.monotonic() > run.deadline:
+            raise _Deadline()
         if calls == 0:
             return run.finish(("failed", "the tests never called the candidate"))
         return run.finish(("passed", ""))
