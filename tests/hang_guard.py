@@ -19,6 +19,8 @@ import time
 import traceback
 from pathlib import Path
 
+import pytest
+
 _timers: dict[str, tuple[threading.Timer, object]] = {}
 
 
@@ -51,6 +53,7 @@ def _dump_and_exit(nodeid: str, timeout: float) -> None:
         os._exit(1)
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest-timeout's hooks
 def pytest_timeout_set_timer(item, settings):
     if settings.method != "thread" or not settings.timeout:
         return None
@@ -63,6 +66,7 @@ def pytest_timeout_set_timer(item, settings):
     return True
 
 
+@pytest.hookimpl(optionalhook=True)
 def pytest_timeout_cancel_timer(item):
     entry = _timers.pop(item.nodeid, None)
     if entry is None:
@@ -74,6 +78,7 @@ def pytest_timeout_cancel_timer(item):
     return True
 
 
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: plain pytest (no xdist) has no such hook
 def pytest_handlecrashitem(crashitem, report, sched):
     """xdist, in the controller: a worker died on `crashitem`; attach the stacks it wrote to its report."""
     deadline = time.monotonic() + 2.0

@@ -37,6 +37,7 @@ ON_CUDA = DEVICE == "cuda"
 
 pytestmark = [
     pytest.mark.gpu,
+    pytest.mark.timeout(900),  # a CPU reference runs inside some tests (a subprocess, fp32)
     pytest.mark.skipif(ON_CUDA and not torch.cuda.is_available(),
                        reason="no CUDA device here (the gpu tier runs on a lent GPU: scripts/gpu_check.sh)"),
 ]
