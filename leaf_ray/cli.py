@@ -342,6 +342,19 @@ def bench_sandbox(
     run_sandbox_bench(console, problems=problems, workers=workers, baseline_rev=baseline_rev)
 
 
+@bench_app.command("topk")
+def bench_topk(
+    config: ConfigOpt = None, set_: SetOpt = None,
+    rows: Annotated[int, typer.Option(help="Training rows both engines score.")] = 64,
+    batch_size: Annotated[int, typer.Option(help="Rows per transformers forward.")] = 8,
+) -> None:
+    """Teacher target tokens/s building the top-k cache: transformers forward vs vLLM prompt log-probs."""
+    from leaf_ray.bench.topk import run_topk_bench
+
+    config_args = (["--config", config] if config else []) + [a for s in (set_ or []) for a in ("--set", s)]
+    run_topk_bench(resolve(config, set_), console, rows=rows, batch_size=batch_size, config_args=config_args)
+
+
 @bench_app.command("distill")
 def bench_distill(
     config: ConfigOpt = None,

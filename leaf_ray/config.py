@@ -291,7 +291,13 @@ class DistillConfig(_Section):
         None, description="Parquet dir of the teacher top-k cache; null = `<run dir>/distill/topk_cache`."
     )
     topk_pool: PoolConfig = Field(
-        default_factory=PoolConfig, description="Ray Data actor pool holding the teacher for the top-k cache pass."
+        default_factory=PoolConfig, description="Ray Data actor pool holding the teacher for the top-k cache pass "
+        "(with `topk_engine: vllm`: batch_size and min/max_actors = engine replicas)."
+    )
+    topk_engine: Literal["transformers", "vllm"] = Field(
+        "transformers", description="Who scores the top-k cache: a transformers forward of the teacher, or the "
+        "vLLM engine's prompt log-probs through a `ray.data.llm` processor (engine settings from "
+        "`generation.vllm_engine_kwargs`; needs `distill.temperature` 1 and k <= 64, docs/generation.md)."
     )
     chunk_size: int = Field(256, ge=1, description="Positions per chunk of the KL (memory bound).")
     chunked_lm_head: bool = Field(
@@ -334,8 +340,10 @@ class DistillConfig(_Section):
 class GenerationConfig(_Section):
     """Text generation (teacher responses, Stage 1 selection/verification, evaluation)."""
 
-    backend: Literal["auto", "vllm", "transformers"] = Field(
-        "auto", description="`auto` = vllm if importable and a GPU is visible to the actor, else transformers."
+    backend: Literal["auto", "vllm", "sglang", "transformers"] = Field(
+        "auto", description="`vllm` / `sglang`: a `ray.data.llm` processor (engine replicas, tensor/pipeline "
+        "parallelism, docs/generation.md); `transformers`: `model.generate` in an actor pool (the CPU backend); "
+        "`auto` = vllm (engine in the actor) if importable and a GPU is visible to the actor, else transformers."
     )
     max_new_tokens: int = Field(256, ge=1)
     temperature: float = Field(0.0, ge=0.0, description="0 = greedy.")
@@ -346,9 +354,37 @@ class GenerationConfig(_Section):
     )
     vllm_engine_kwargs: dict[str, Any] = Field(
         default_factory=dict,
-        description="Extra `vllm.LLM(...)` arguments, e.g. tensor_parallel_size, gpu_memory_utilization, "
-                    "max_model_len.",
+        description="vLLM engine arguments, e.g. tensor_parallel_size, pipeline_parallel_size, "
+                    "gpu_memory_utilization, max_model_len.",
     )
+    sglang_engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="SGLang engine arguments (`backend: sglang`), e.g. tp_size, dp_size, "
+        "mem_fraction_static. Untested here (no SGLang build for CPU).")
+    engine_bundle: dict[str, float] | None = Field(
+        None, description="`vllm`/`sglang`: Ray resources of one engine worker (one per tensor x pipeline "
+        "rank) in the replica's placement group; null = {GPU: 1, CPU: 1} on a cluster with GPUs, {CPU: 1} "
+        "without. `pool.resources` go on the replica's first bundle.")
+
+    @model_validator(mode="after")
+    def _engine_kwargs_fit_their_engine(self) -> "GenerationConfig":
+        # The two engines name parallelism differently; a key of the other engine would be silently ignored.
+        for section, kwargs, foreign in (
+                ("vllm_engine_kwargs", self.vllm_engine_kwargs, {"tp_size": "tensor_parallel_size",
+                                                                 "pp_size": "pipeline_parallel_size",
+                                                                 "dp_size": "data_parallel_size"}),
+                ("sglang_engine_kwargs", self.sglang_engine_kwargs, {"tensor_parallel_size": "tp_size",
+                                                                     "pipeline_parallel_size": "pp_size",
+                                                                     "data_parallel_size": "dp_size"})):
+            for key, value in kwargs.items():
+                if key in foreign:
+                    raise ValueError(f"generation.{section}.{key}: not an argument of this engine "
+                                     f"(did you mean {foreign[key]}?)")
+                if key in ("model", "model_path", "task_type"):
+                    raise ValueError(f"generation.{section}.{key}: set by leaf-ray from models.*; remove it")
+                if key in ("tensor_parallel_size", "pipeline_parallel_size", "tp_size", "pp_size", "dp_size") \
+                        and (not isinstance(value, int) or value < 1):
+                    raise ValueError(f"generation.{section}.{key}: expected an integer >= 1, got {value!r}")
+        return self
     pool: PoolConfig = Field(default_factory=PoolConfig)
     inline_max_prompts: int = Field(
         0, ge=0, description="A generation of at most this many prompts (an evaluation, say) runs in the calling "

@@ -55,7 +55,7 @@ from leaf_ray.store import RunDir, replace_parquet_dir, spec_changes, spec_path
 if TYPE_CHECKING:
     import ray.data
 
-    from leaf_ray.config import LeafConfig, ModelRef, PoolConfig
+    from leaf_ray.config import GenerationConfig, LeafConfig, ModelRef, PoolConfig
 
 SCHEMA = pa.schema([
     ("row_key", pa.string()), ("sample_id", pa.string()), ("scope", pa.string()), ("span_index", pa.int32()),
@@ -136,38 +136,64 @@ class TopKTeacherBatch:
         return pa.Table.from_pylist(out, schema=SCHEMA)
 
 
-def build_topk_cache(rows: pa.Table | ray.data.Dataset, out_dir: str | Path, *, teacher: ModelRef,
-                     tokenizer: ModelRef, k: int, temperature: float, vocab_size: int, max_length: int,
-                     pool: PoolConfig) -> Path:
-    """Run the cache pass over training rows (:func:`leaf_ray.distill.data.build_rows` columns) into
-    ``out_dir`` (rebuilt from scratch: written beside it, then swapped in, with its spec recorded inside, see
-    :func:`topk_spec`). Ray must be initialised.
-
-    ``tokenizer`` must be the one the trainer tokenises with (the student's); ``vocab_size`` the student's.
-    """
+def score_topk(rows: pa.Table | ray.data.Dataset, *, teacher: ModelRef, tokenizer: ModelRef, k: int,
+               temperature: float, vocab_size: int, max_length: int, pool: PoolConfig,
+               engine: str = "transformers", generation: GenerationConfig | None = None,
+               seed: int = 0) -> ray.data.Dataset:
+    """Training rows (:func:`leaf_ray.distill.data.build_rows` columns) -> cache rows (:data:`SCHEMA`),
+    lazily: a transformers forward of the teacher in an actor pool, or (``engine="vllm"``) the teacher's vLLM
+    prompt log-probs through a ``ray.data.llm`` processor (:mod:`leaf_ray.distill.topk_vllm`)."""
     import ray.data
+
+    from leaf_ray.config import GenerationConfig
 
     ds = ray.data.from_arrow(rows) if isinstance(rows, pa.Table) else rows
     missing = [c for c in ROW_COLUMNS if c not in ds.schema().names]
     if missing:
         raise ValueError(f"top-k cache: training rows lack column(s) {missing}; has {ds.schema().names}")
-    scored = ds.select_columns(list(ROW_COLUMNS)).map_batches(
+    ds = ds.select_columns(list(ROW_COLUMNS))
+    if engine == "vllm":
+        from leaf_ray.distill.topk_vllm import score_rows
+
+        return score_rows(ds, teacher=teacher, tokenizer=tokenizer, k=k, temperature=temperature,
+                          vocab_size=vocab_size, max_length=max_length, pool=pool,
+                          generation=generation or GenerationConfig(), seed=seed)
+    if engine != "transformers":
+        raise ValueError(f"distill.topk_engine: unknown engine {engine!r} (transformers | vllm)")
+    return ds.map_batches(
         TopKTeacherBatch, batch_format="pyarrow",
         fn_constructor_kwargs=dict(teacher_ref=teacher.model_dump(), tokenizer_ref=tokenizer.model_dump(),
                                    k=k, temperature=temperature, vocab_size=vocab_size,
                                    max_length=max_length),
         **pool.map_batches_kwargs(),
     )
+
+
+def build_topk_cache(rows: pa.Table | ray.data.Dataset, out_dir: str | Path, *, teacher: ModelRef,
+                     tokenizer: ModelRef, k: int, temperature: float, vocab_size: int, max_length: int,
+                     pool: PoolConfig, engine: str = "transformers", generation: GenerationConfig | None = None,
+                     seed: int = 0) -> Path:
+    """Run the cache pass (:func:`score_topk`) over training rows into ``out_dir`` (rebuilt from scratch:
+    written beside it, then swapped in, with its spec recorded inside, see :func:`topk_spec`). Ray must be
+    initialised.
+
+    ``tokenizer`` must be the one the trainer tokenises with (the student's); ``vocab_size`` the student's.
+    """
+    scored = score_topk(rows, teacher=teacher, tokenizer=tokenizer, k=k, temperature=temperature,
+                        vocab_size=vocab_size, max_length=max_length, pool=pool, engine=engine,
+                        generation=generation, seed=seed)
     spec = topk_spec(teacher=teacher, tokenizer=tokenizer, k=k, temperature=temperature, vocab_size=vocab_size,
-                     max_length=max_length)
+                     max_length=max_length, engine=engine)
     return replace_parquet_dir(Path(out_dir), scored, spec=spec)
 
 
 def topk_spec(*, teacher: ModelRef, tokenizer: ModelRef, k: int, temperature: float, vocab_size: int,
-              max_length: int) -> dict[str, Any]:
-    """What decides the cached numbers: a cache made with another spec is rebuilt, never reused."""
-    return {"teacher": teacher.model_dump(mode="json"), "tokenizer": tokenizer.model_dump(mode="json"), "k": k,
+              max_length: int, engine: str = "transformers") -> dict[str, Any]:
+    """What decides the cached numbers: a cache made with another spec is rebuilt, never reused (the engine
+    is recorded when it is not transformers, so caches made before engines existed stay valid)."""
+    spec = {"teacher": teacher.model_dump(mode="json"), "tokenizer": tokenizer.model_dump(mode="json"), "k": k,
             "temperature": temperature, "vocab_size": vocab_size, "max_length": max_length}
+    return spec if engine == "transformers" else {**spec, "engine": engine}
 
 
 def cache_dir_for(cfg: LeafConfig) -> Path:
@@ -186,7 +212,8 @@ def cache_settings_for(cfg: LeafConfig) -> dict[str, Any]:
     vocab_size = check_pair(cfg.models)
     tokenizer = ModelRef(path=student.tokenizer_path or student.path, gguf_file=student.gguf_file)
     return dict(teacher=cfg.models.teacher, tokenizer=tokenizer, k=cfg.distill.topk,
-                temperature=cfg.distill.temperature, vocab_size=vocab_size, max_length=cfg.data.max_length)
+                temperature=cfg.distill.temperature, vocab_size=vocab_size, max_length=cfg.data.max_length,
+                engine=cfg.distill.topk_engine)
 
 
 def ensure_topk_cache(cfg: LeafConfig, rows: pa.Table, say) -> Path:
@@ -203,7 +230,8 @@ def ensure_topk_cache(cfg: LeafConfig, rows: pa.Table, say) -> Path:
             return path
         say(f"top-k cache at {path} lacks {len(missing)} rows (e.g. {missing[0]!r}): rebuilding")
     say(f"building the teacher top-k cache (k={cfg.distill.topk}) at {path}")
-    return build_topk_cache(rows, path, pool=cfg.distill.topk_pool, **settings)
+    return build_topk_cache(rows, path, pool=cfg.distill.topk_pool, generation=cfg.generation,
+                            seed=cfg.run.seed, **settings)
 
 
 class TopKCacheLookup(Mapping):

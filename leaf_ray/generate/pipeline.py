@@ -52,7 +52,14 @@ class GenerateUDF:
 def generate_dataset(cfg: LeafConfig, model_ref: ModelRef, ds: ray.data.Dataset, prompt_col: str,
                      out_col: str, *, prefix_col: str | None = None) -> ray.data.Dataset:
     """`ds` plus a column `out_col` holding the model's completion of each row's `prompt_col` instruction
-    (continuing from `prefix_col`'s response prefix when given). Lazy, like any Ray Data transform."""
+    (continuing from `prefix_col`'s response prefix when given). Lazy, like any Ray Data transform.
+
+    `generation.backend: vllm | sglang` run a `ray.data.llm` processor (leaf_ray/generate/ray_data_llm.py);
+    `transformers` and `auto` an actor pool of :class:`GenerateUDF`."""
+    from leaf_ray.generate import ray_data_llm
+
+    if cfg.generation.backend in ray_data_llm.ENGINES:
+        return ray_data_llm.generate_dataset(cfg, model_ref, ds, prompt_col, out_col, prefix_col=prefix_col)
     return ds.map_batches(
         GenerateUDF,
         fn_constructor_kwargs={"model_ref": model_ref.model_dump(), "gen": cfg.generation.model_dump(),
@@ -87,10 +94,13 @@ def generate_rows(cfg: LeafConfig, model_ref: ModelRef, prompts: list[str],
 
 def _completions(cfg: LeafConfig, model_ref: ModelRef, items: list[dict], with_prefixes: bool):
     """``{"gen_index", "completion"}`` per item as they are done: through the actor pool, or, for at most
-    ``generation.inline_max_prompts`` items, the same UDF called here batch by batch (no actor to start)."""
+    ``generation.inline_max_prompts`` items, the same UDF called here batch by batch (no actor to start;
+    in-process backends only: a `ray.data.llm` engine always runs in its processor)."""
     import pyarrow as pa
 
-    if len(items) <= cfg.generation.inline_max_prompts:
+    from leaf_ray.generate.ray_data_llm import ENGINES
+
+    if len(items) <= cfg.generation.inline_max_prompts and cfg.generation.backend not in ENGINES:
         udf = GenerateUDF(model_ref.model_dump(), cfg.generation.model_dump(), cfg.run.seed, "prompt",
                           "completion", prefix_col="prefix" if with_prefixes else None)
         try:
