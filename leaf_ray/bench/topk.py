@@ -54,8 +54,12 @@ def measure(cfg, *, rows: int, batch_size: int) -> dict:
     from leaf_ray.config import GenerationConfig
     from leaf_ray.distill.data import tokenize_row
     from leaf_ray.distill.topk_cache import TopKTeacherBatch, cache_settings_for
-    from leaf_ray.distill.topk_vllm import (check_settings, logprob_count, logprob_engine_kwargs,
-                                            topk_from_prompt_logprobs)
+    from leaf_ray.distill.topk_vllm import (
+        check_settings,
+        logprob_count,
+        logprob_engine_kwargs,
+        topk_from_prompt_logprobs,
+    )
     from leaf_ray.generate.backends import gpu_available
     from leaf_ray.generate.ray_data_llm import engine_settings
     from leaf_ray.models import ensure_tiny_pair, model_config, vocab_size_of

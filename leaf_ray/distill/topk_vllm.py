@@ -13,8 +13,8 @@ What the engine must (not) do, set by :func:`logprob_engine_kwargs` (docs/genera
 - `enable_prefix_caching=False`: positions served from the prefix cache are not recomputed, and have no prompt
   log-probs to return.
 - `max_logprobs` raised to n (vLLM's default is 20).
-- Chunked prefill is left as vLLM has it: the V1 engine gathers prompt log-probs chunk by chunk (the tiny-model
-  test compares every position against transformers).
+- Chunked prefill is left as vLLM has it: the V1 engine gathers prompt log-probs chunk by chunk (the crosscheck
+  splits its rows into 16-token chunks and compares every position against transformers).
 
 Vocabulary: log-probs are over the teacher's whole (possibly padded) vocabulary. Ids >= the student's
 `vocab_size` are dropped and the rest renormalised by the mass of the dropped ids the engine returned (n is
@@ -144,11 +144,11 @@ def _cache_row(row: dict, *, k: int, n: int, temperature: float, vocab_size: int
     ids, targets = list(row["prompt_token_ids"]), [int(t) for t in row["__leaf_targets"]]
     top_ids, top_lp, tail = topk_from_prompt_logprobs(row["prompt_logprobs"], targets, k, n, vocab_size,
                                                       carried["row_key"])
-    return dict(row_key=carried["row_key"], sample_id=carried["group"], scope=carried["scope"],
-                span_index=carried["span_index"], is_counterfactual=carried["is_counterfactual"],
-                target_positions=targets, target_ids=[int(ids[t]) for t in targets],
-                topk_ids=top_ids.tolist(), topk_logprobs=top_lp.tolist(), tail_logprob=tail.tolist(), k=k,
-                temperature=temperature, vocab_size=vocab_size)
+    return {"row_key": carried["row_key"], "sample_id": carried["group"], "scope": carried["scope"],
+                "span_index": carried["span_index"], "is_counterfactual": carried["is_counterfactual"],
+                "target_positions": targets, "target_ids": [int(ids[t]) for t in targets],
+                "topk_ids": top_ids.tolist(), "topk_logprobs": top_lp.tolist(), "tail_logprob": tail.tolist(), "k": k,
+                "temperature": temperature, "vocab_size": vocab_size}
 
 
 def _to_schema(batch):
@@ -174,8 +174,8 @@ def score_rows(ds: ray.data.Dataset, *, teacher: ModelRef, tokenizer: ModelRef, 
     n = logprob_count(k, teacher_vocab, vocab_size)
     config = processor_config(teacher, generation, "vllm", pool=pool, on_gpu=cluster_has_gpus(), seed=seed,
                               engine_overrides=logprob_engine_kwargs(n))
-    inputs = ds.map_batches(_inputs_batch, batch_format="pyarrow", fn_kwargs=dict(
-        tokenizer_json=tokenizer.model_dump_json(), max_length=max_length))
+    inputs = ds.map_batches(_inputs_batch, batch_format="pyarrow", batch_size=pool.batch_size, fn_kwargs={
+        "tokenizer_json": tokenizer.model_dump_json(), "max_length": max_length})
     processor = build_processor(
         config, preprocess=functools.partial(_request, n=n),
         postprocess=functools.partial(_cache_row, k=k, n=n, temperature=temperature, vocab_size=vocab_size))

@@ -95,7 +95,9 @@ def crosscheck(model_path: str, prompts: list[str], *, max_new_tokens: int = 24,
         "ray": {"num_cpus": num_cpus},
         "models": {"teacher": {"path": model_path}, "student": {"path": model_path},
                    "make_tiny_if_missing": False},
+        # prefills of 16 tokens: prompts (and the top-k rows) run through chunked prefill
         "generation": {"backend": "vllm", "max_new_tokens": max_new_tokens, "stop": stop or [],
+                       "vllm_engine_kwargs": {"max_num_batched_tokens": 16, "max_num_seqs": 8},
                        "pool": {"batch_size": len(prompts), "num_cpus": 1, "num_gpus": num_gpus}},
     }, "crosscheck")
     if topk:
@@ -103,9 +105,9 @@ def crosscheck(model_path: str, prompts: list[str], *, max_new_tokens: int = 24,
         from leaf_ray.distill.topk_cache import TopKTeacherBatch, score_topk
         from leaf_ray.models import model_config, vocab_size_of
 
-        topk_settings = dict(teacher=cfg.models.teacher, tokenizer=cfg.models.teacher, k=topk, temperature=1.0,
-                             vocab_size=vocab_size_of(model_config(cfg.models.teacher)), max_length=256,
-                             pool=PoolConfig(batch_size=len(TOPK_ROWS), num_cpus=1))
+        topk_settings = {"teacher": cfg.models.teacher, "tokenizer": cfg.models.teacher, "k": topk, "temperature": 1.0,
+                             "vocab_size": vocab_size_of(model_config(cfg.models.teacher)), "max_length": 256,
+                             "pool": PoolConfig(batch_size=len(TOPK_ROWS), num_cpus=1)}
     started = time.time()
     init_ray(cfg)
     try:

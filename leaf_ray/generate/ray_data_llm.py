@@ -97,13 +97,13 @@ def processor_config(model_ref: ModelRef, gen: GenerationConfig, engine: str, *,
 
     source, kwargs, env = engine_settings(model_ref, gen, engine, on_gpu=on_gpu, seed=seed)
     kwargs.update(engine_overrides or {})
-    common = dict(
-        model_source=source, engine_kwargs=kwargs, batch_size=pool.batch_size,
-        concurrency=(pool.min_actors, pool.max_actors),
-        runtime_env={"env_vars": env} if env else None,
+    common = {
+        "model_source": source, "engine_kwargs": kwargs, "batch_size": pool.batch_size,
+        "concurrency": (pool.min_actors, pool.max_actors),
+        "runtime_env": {"env_vars": env} if env else None,
         # leaf-ray renders and tokenises prompts itself (chat template, control-token guarantee)
-        chat_template_stage=False, tokenize_stage=False, detokenize_stage=detokenize,
-    )
+        "chat_template_stage": False, "tokenize_stage": False, "detokenize_stage": detokenize,
+    }
     try:
         if engine == "vllm":
             bundles = placement_bundles(gen, pool, parallel_size(engine, kwargs), on_gpu)
@@ -192,9 +192,10 @@ def generate_dataset(cfg, model_ref: ModelRef, ds: ray.data.Dataset, prompt_col:
     config = processor_config(model_ref, gen, engine, pool=gen.pool, on_gpu=cluster_has_gpus(),
                               seed=cfg.run.seed, detokenize=engine == "sglang")
     ids_col = "__leaf_prompt_ids"
-    with_ids = ds.map_batches(_prompt_ids_batch, batch_format="pyarrow", fn_kwargs=dict(
-        model_ref_json=model_ref.model_dump_json(), chat_template=gen.chat_template, prompt_col=prompt_col,
-        prefix_col=prefix_col, ids_col=ids_col))
+    # one tokenising task per engine batch (each task is a worker importing transformers)
+    with_ids = ds.map_batches(_prompt_ids_batch, batch_format="pyarrow", batch_size=gen.pool.batch_size, fn_kwargs={
+        "model_ref_json": model_ref.model_dump_json(), "chat_template": gen.chat_template, "prompt_col": prompt_col,
+        "prefix_col": prefix_col, "ids_col": ids_col})
     processor = build_processor(
         config,
         preprocess=functools.partial(_request, ids_col=ids_col, engine=engine,
