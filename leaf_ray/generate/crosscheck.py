@@ -79,9 +79,56 @@ def compare_topk(got: list[dict], want: list[dict], tie: float = 1e-4) -> dict:
             "max_abs_tail_diff": max_tail}
 
 
+def distill_agreement(student_path: str, tokenizer, caches: dict[str, list[dict]], *, steps: int = 5,
+                      lr: float = 1e-2) -> dict:
+    """The same student distilled `steps` SGD steps on :data:`TOPK_ROWS` from each cache (same init, same
+    batch, hybrid KL at λ = 0.5): its final loss per cache and the max |Δ parameter| between the students."""
+    import numpy as np
+    import torch
+
+    from leaf_ray.config import ModelRef
+    from leaf_ray.distill.data import tokenize_row
+    from leaf_ray.distill.loss import hybrid_kl_loss
+    from leaf_ray.distill.teacher import TopKCacheTeacher
+    from leaf_ray.models import load_model
+
+    rows = topk_rows_table().to_pylist()
+    encoded = [tokenize_row(tokenizer, r["instruction"], r["prefix"], r["response"], 256) for r in rows]
+    width = max(len(ids) for ids, _, _ in encoded)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+    attention_mask, target_mask = torch.zeros_like(input_ids), torch.zeros_like(input_ids)
+    for b, (ids, mask, _) in enumerate(encoded):
+        input_ids[b, :len(ids)], attention_mask[b, :len(ids)] = torch.tensor(ids), 1
+        target_mask[b, :len(ids)] = torch.tensor(mask)
+    target_mask[:, 0] = 0
+    is_cf = torch.tensor([r["is_counterfactual"] for r in rows])
+    keys = [r["row_key"] for r in rows]
+    students, losses = {}, {}
+    for name, cache in caches.items():
+        lookup = {r["row_key"]: {"target_ids": np.asarray(r["target_ids"]), "topk_ids": np.asarray(r["topk_ids"]),
+                                 "topk_logprobs": np.asarray(r["topk_logprobs"], dtype=np.float32),
+                                 "tail_logprob": np.asarray(r["tail_logprob"], dtype=np.float32),
+                                 "target_positions": np.asarray(r["target_positions"]), "k": r["k"],
+                                 "temperature": r["temperature"], "vocab_size": r["vocab_size"]} for r in cache}
+        teacher = TopKCacheTeacher(lookup)(input_ids, attention_mask, target_mask, keys)
+        torch.manual_seed(0)
+        student = load_model(ModelRef(path=student_path)).train()
+        opt = torch.optim.SGD(student.parameters(), lr=lr)
+        for _ in range(steps):
+            logits = student(input_ids=input_ids, attention_mask=attention_mask).logits
+            loss = hybrid_kl_loss(logits, teacher, target_mask, is_cf, lambda_=0.5).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        students[name], losses[name] = student, loss.item()
+    a, b = students.values()
+    max_diff = max(float((p - q).abs().max()) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    return {"steps": steps, "final_loss": losses, "max_abs_param_diff": max_diff}
+
+
 def crosscheck(model_path: str, prompts: list[str], *, max_new_tokens: int = 24, stop: list[str] | None = None,
                root_dir: str | None = None, num_cpus: int | None = None, num_gpus: float = 0.0,
-               topk: int = 0) -> dict:
+               topk: int = 0, student_path: str | None = None) -> dict:
     import ray
 
     from leaf_ray.config import config_from_dict
@@ -130,6 +177,11 @@ def crosscheck(model_path: str, prompts: list[str], *, max_new_tokens: int = 24,
                                      tokenizer_ref=settings.pop("tokenizer").model_dump(), **settings)
         want = reference(topk_rows_table()).to_pylist()
         result["topk"] = {"k": topk, "vllm_seconds": round(topk_s, 1), **compare_topk(vllm_cache, want)}
+        if student_path:
+            from leaf_ray.models import load_tokenizer
+
+            result["topk"]["distill"] = distill_agreement(student_path, load_tokenizer(cfg.models.teacher),
+                                                          {"vllm": vllm_cache, "transformers": want})
     return result
 
 
@@ -153,9 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray instance.")
     ap.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per generation actor.")
     ap.add_argument("--topk", type=int, default=0, help="Also compare the top-k cache at this k (0 = skip).")
+    ap.add_argument("--student", help="With --topk: distil this student a few steps from each cache and compare.")
     args = ap.parse_args(argv)
     result = crosscheck(args.model, DEFAULT_PROMPTS, max_new_tokens=args.max_new_tokens, stop=args.stop,
-                        num_cpus=args.num_cpus, num_gpus=args.num_gpus, topk=args.topk)
+                        num_cpus=args.num_cpus, num_gpus=args.num_gpus, topk=args.topk, student_path=args.student)
     text = json.dumps(result, indent=2, ensure_ascii=False)
     print(text)
     if args.out:

@@ -152,8 +152,9 @@ def generation_sampling_params(gen: GenerationConfig, engine: str, seed: int) ->
         return {"max_tokens": gen.max_new_tokens, "temperature": gen.temperature,
                 "top_p": 1.0 if greedy else gen.top_p, "stop": list(gen.stop) or None,
                 "seed": None if greedy else seed, "skip_special_tokens": True}
+    # SGLang without its tokenizer (token ids in) cannot match stop strings: the text is cut afterwards
     return {"max_new_tokens": gen.max_new_tokens, "temperature": gen.temperature,
-            "top_p": 1.0 if greedy else gen.top_p, "stop": list(gen.stop) or None, "skip_special_tokens": True}
+            "top_p": 1.0 if greedy else gen.top_p}
 
 
 def _request(row: dict, *, ids_col: str, sampling_params: dict, engine: str) -> dict:
@@ -180,13 +181,12 @@ def generate_dataset(cfg, model_ref: ModelRef, ds: ray.data.Dataset, prompt_col:
     """`ds` plus `out_col` (string): the completion of each row's `prompt_col` instruction (after its
     `prefix_col` response prefix) by the `generation.backend` engine through a `ray.data.llm` processor.
     Lazy; Ray must be initialised."""
-    import pyarrow as pa
     from ray.data.llm import build_processor
 
     gen, engine = cfg.generation, cfg.generation.backend
-    schema = ds.schema()
-    names = list(schema.names)
-    if prompt_col not in names or (prefix_col and prefix_col not in names):
+    schema = ds.schema(fetch_if_missing=False)  # known for read/from_* datasets; never runs the plan for it
+    names = list(schema.names) if schema is not None else None
+    if names is not None and (prompt_col not in names or (prefix_col and prefix_col not in names)):
         raise EngineConfigError(f"generation: dataset lacks column {prompt_col!r}"
                                 f"{f' or {prefix_col!r}' if prefix_col else ''}; has {names}")
     config = processor_config(model_ref, gen, engine, pool=gen.pool, on_gpu=cluster_has_gpus(),
@@ -202,16 +202,17 @@ def generate_dataset(cfg, model_ref: ModelRef, ds: ray.data.Dataset, prompt_col:
                                      sampling_params=generation_sampling_params(gen, engine, cfg.run.seed)),
         postprocess=functools.partial(_completion, out_col=out_col, stop=list(gen.stop)))
     target = _with_column(schema, out_col)
-    # rows -> Arrow again: back to the input's exact types (e.g. int32 stays int32)
-    return processor(with_ids).map_batches(_cast, batch_format="pyarrow", fn_kwargs={"schema": target}) \
-        if isinstance(schema.base_schema, pa.Schema) else processor(with_ids)
+    # rows -> Arrow again: back to the input's exact types (e.g. int32 stays int32) where they are known
+    generated = processor(with_ids)
+    return generated if target is None else generated.map_batches(_cast, batch_format="pyarrow",
+                                                                   fn_kwargs={"schema": target})
 
 
 def _with_column(schema, name: str):
     import pyarrow as pa
 
-    base = schema.base_schema if isinstance(schema.base_schema, pa.Schema) else None
-    if base is None:
+    base = getattr(schema, "base_schema", None)
+    if not isinstance(base, pa.Schema):
         return None
     if name in base.names:
         return base.set(base.get_field_index(name), pa.field(name, pa.string()))
