@@ -366,7 +366,7 @@ class GenerationConfig(_Section):
         "without. `pool.resources` go on the replica's first bundle.")
 
     @model_validator(mode="after")
-    def _engine_kwargs_fit_their_engine(self) -> "GenerationConfig":
+    def _engine_kwargs_fit_their_engine(self) -> GenerationConfig:
         # The two engines name parallelism differently; a key of the other engine would be silently ignored.
         for section, kwargs, foreign in (
                 ("vllm_engine_kwargs", self.vllm_engine_kwargs, {"tp_size": "tensor_parallel_size",
