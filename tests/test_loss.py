@@ -307,7 +307,7 @@ def test_reverse_kl_and_jsd_match_autograd_values_and_gradients(divergence, beta
     student, teacher, mask, is_cf = random_batch(seed=4)
     want = autograd_divergence(student, teacher, mask, is_cf, lam=0.3, t=2.0, divergence=divergence, beta=beta)
     (want_grad,) = torch.autograd.grad(want, student)
-    kwargs = dict(lambda_=0.3, temperature=2.0, chunk_size=4, divergence=divergence, jsd_beta=beta)
+    kwargs = {"lambda_": 0.3, "temperature": 2.0, "chunk_size": 4, "divergence": divergence, "jsd_beta": beta}
     if from_hidden:  # logits = hidden @ W.T with W = I: the same logits through the chunked head
         hidden = student.detach().clone().requires_grad_()
         out = hybrid_kl_from_hidden(hidden, torch.eye(student.shape[-1]), teacher, mask, is_cf, **kwargs)
@@ -327,7 +327,7 @@ def test_divergences_agree_where_they_must_and_bad_choices_are_named():
     from leaf_ray.distill.teacher import TeacherTopK
 
     student, teacher, mask, is_cf = random_batch(seed=5)
-    kw = dict(lambda_=0.5, temperature=1.0)
+    kw = {"lambda_": 0.5, "temperature": 1.0}
     # student == teacher: every divergence is 0
     for divergence in ("forward_kl", "reverse_kl", "jsd"):
         zero = hybrid_kl_loss(teacher.clone(), teacher, mask, is_cf, divergence=divergence, **kw)
