@@ -284,9 +284,8 @@ class OnPolicySamplingConfig(_Section):
     """How the student samples its own responses for on-policy distillation (``distill.policy`` on / mixed)."""
 
     sampler: Literal["transformers"] = Field(
-        "transformers", description="Who samples: `transformers` = the student's own `generate` inside the "
-        "training loop (every DeepSpeed ZeRO stage). The seam for a vLLM/SGLang engine with weight sync is "
-        "`leaf_ray.distill.onpolicy.ResponseSampler` (docs/on-policy.md); its GPU half is not built.")
+        "transformers", description="`transformers` = the student's own `generate` (the vLLM/SGLang seam: "
+        "docs/on-policy.md).")
     temperature: float = Field(1.0, ge=0.0, description="Sampling temperature; 0 = greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling (only when temperature > 0).")
     max_new_tokens: int = Field(64, ge=1, description="Longest sampled response (tokens, EOS included).")
@@ -298,16 +297,13 @@ class DistillConfig(_Section):
     temperature: float = Field(1.0, gt=0.0)
     use_counterfactuals: bool = Field(True, description="False = plain KD (\"KD w/o mask\").")
     policy: Literal["off", "on", "mixed"] = Field(
-        "off", description="Whose responses the KL runs over: `off` = the dataset's (off-policy KD); `on` = the "
-        "student samples a response to every prompt (originals and counterfactuals) with its current weights and "
-        "the teacher scores the same tokens; `mixed` = on-policy for a share `on_policy_fraction` of the "
-        "micro-batches (GKD's λ). Validation always scores the dataset's responses.")
+        "off", description="`off` = the dataset's responses; `on` = the student's own samples, scored by the "
+        "teacher; `mixed` = on-policy for a share `on_policy_fraction` of micro-batches (docs/on-policy.md).")
     on_policy_fraction: float = Field(
-        0.5, ge=0.0, le=1.0, description="`mixed`: probability that an accumulation slot samples on-policy "
-        "(drawn from (seed, step, slot): the same on every rank and on resume).")
+        0.5, ge=0.0, le=1.0, description="`mixed`: share of accumulation slots sampled on-policy (GKD's λ).")
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
-        "forward_kl", description="Per-token divergence of the hybrid loss: KL(teacher‖student), "
-        "KL(student‖teacher), or GKD's generalised JSD with `jsd_beta` (formulas: leaf_ray/distill/loss.py).")
+        "forward_kl", description="Per-token divergence: KL(teacher‖student), KL(student‖teacher) or the "
+        "generalised JSD with `jsd_beta`.")
     jsd_beta: float = Field(0.5, gt=0.0, lt=1.0, description="β of the generalised JSD.")
     sampling: OnPolicySamplingConfig = Field(default_factory=OnPolicySamplingConfig)
     teacher_mode: Literal["replicated", "zero3", "topk_cache"] = "replicated"

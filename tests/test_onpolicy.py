@@ -34,6 +34,18 @@ def test_mixed_policy_draws_are_a_pure_function_of_seed_step_and_slot():
     assert not any(on_policy_slot("off", 1.0, seed=0, step=s, slot=0) for s in range(5))
 
 
+def test_sampled_responses_and_non_forward_divergences_need_a_live_teacher(cfg_factory):
+    from leaf_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match="distill.policy='mixed' needs a live teacher"):
+        cfg_factory(distill={"policy": "mixed", "teacher_mode": "topk_cache"})
+    with pytest.raises(ConfigError, match="distill.divergence='jsd' needs the teacher's full distribution"):
+        cfg_factory(distill={"divergence": "jsd", "teacher_mode": "topk_cache"})
+    with pytest.raises(ConfigError, match="jsd_beta"):
+        cfg_factory(distill={"divergence": "jsd", "jsd_beta": 1.0})
+    assert cfg_factory(distill={"policy": "on", "teacher_mode": "zero3"}).distill.sampling.max_new_tokens == 64
+
+
 def test_sampler_state_restores_the_same_samples_and_the_batch_scores_them(tiny_pair, tiny_tokenizer):
     import torch
 
