@@ -110,7 +110,7 @@ def test_an_on_policy_run_logs_its_samples(on_policy_baseline):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_sigkill_of_an_on_policy_run_resumes_with_the_same_samples_and_student(on_policy_baseline, tiny_pair,
                                                                                 tmp_path):
     from typer.testing import CliRunner
@@ -128,10 +128,10 @@ def test_sigkill_of_an_on_policy_run_resumes_with_the_same_samples_and_student(o
                                 env=dict(os.environ, RAY_AUTH_MODE="disabled"), stdout=log_file,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + 400  # generous: a machine shared by several suites is slow to start
         while not (out / "checkpoints" / "checkpoint-step0000002").is_dir():  # renamed in whole
             assert proc.poll() is None, f"distill exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, "no step-2 checkpoint within 240 s"
+            assert time.monotonic() < deadline, "no step-2 checkpoint within 400 s"
             time.sleep(0.002)
         os.kill(proc.pid, signal.SIGKILL)
     finally:
