@@ -79,7 +79,7 @@ from leaf_ray.distill.data import (
     steps_per_epoch,
 )
 from leaf_ray.distill.engines import build_student, build_teacher
-from leaf_ray.distill.onpolicy import on_policy_slot
+from leaf_ray.distill.onpolicy import build_sampler, on_policy_slot, prompts_of, sampled_batch
 
 
 def accumulation_steps(global_batch: int, micro_batch: int, world: int) -> int:
@@ -213,11 +213,7 @@ class DistillRecipe:
         engine = build_student(cfg, world.size, world.accum, step_counts(dcfg, len(train_rows), world)[1],
                                device=world.device)
         teacher = build_teacher(cfg, world.size, world.accum, engine.device)
-        sampler = None
-        if dcfg.policy != "off":
-            from leaf_ray.distill.onpolicy import build_sampler
-
-            sampler = build_sampler(cfg, engine, tokenizer, world.rank, world.size)
+        sampler = build_sampler(cfg, engine, tokenizer, world.rank, world.size) if dcfg.policy != "off" else None
         recipe = cls(cfg, world, engine=engine, teacher=teacher, train_rows=train_rows, val_rows=val_rows,
                      pad_id=tokenizer.pad_token_id, tokenizer=tokenizer, out_dir=out_dir, variant=variant,
                      logger=MetricLogger(tracking, pending_metrics_file(out_dir)) if world.rank == 0 else None,
@@ -349,8 +345,6 @@ class DistillRecipe:
     def on_policy_batch(self, batch, *, real: bool):
         """The micro-batch of the student's sampled responses to ``batch``'s prompts (a padding batch samples
         too, to keep ranks in step, and stays the zero-weight padding batch) -> (batch, samples)."""
-        from leaf_ray.distill.onpolicy import prompts_of, sampled_batch
-
         prompts = prompts_of(batch)
         samples = self.sampler.sample(prompts)
         if not real:
