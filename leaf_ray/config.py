@@ -280,11 +280,32 @@ class TrainResources(_Section):
                                     "retried from the last checkpoint (`distill.max_failures`).")
 
 
+class OnPolicySamplingConfig(_Section):
+    """How the student samples its own responses for on-policy distillation (``distill.policy`` on / mixed)."""
+
+    sampler: Literal["transformers"] = Field(
+        "transformers", description="`transformers` = the student's own `generate` (the vLLM/SGLang seam: "
+        "docs/on-policy.md).")
+    temperature: float = Field(1.0, ge=0.0, description="Sampling temperature; 0 = greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling (only when temperature > 0).")
+    max_new_tokens: int = Field(64, ge=1, description="Longest sampled response (tokens, EOS included).")
+
+
 class DistillConfig(_Section):
     lambda_: float = Field(0.5, ge=0.0, le=1.0, alias="lambda", description="λ of the hybrid KL.")
     weighting: Literal["lambda", "per_token"] = Field("lambda", description="Loss weighting rule.")
     temperature: float = Field(1.0, gt=0.0)
     use_counterfactuals: bool = Field(True, description="False = plain KD (\"KD w/o mask\").")
+    policy: Literal["off", "on", "mixed"] = Field(
+        "off", description="`off` = the dataset's responses; `on` = the student's own samples, scored by the "
+        "teacher; `mixed` = on-policy for a share `on_policy_fraction` of micro-batches (docs/on-policy.md).")
+    on_policy_fraction: float = Field(
+        0.5, ge=0.0, le=1.0, description="`mixed`: share of accumulation slots sampled on-policy (GKD's λ).")
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
+        "forward_kl", description="Per-token divergence: KL(teacher‖student), KL(student‖teacher) or the "
+        "generalised JSD with `jsd_beta`.")
+    jsd_beta: float = Field(0.5, gt=0.0, lt=1.0, description="β of the generalised JSD.")
+    sampling: OnPolicySamplingConfig = Field(default_factory=OnPolicySamplingConfig)
     teacher_mode: Literal["replicated", "zero3", "topk_cache"] = "replicated"
     topk: int = Field(64, ge=1, description="k of the offline teacher top-k cache.")
     topk_cache_dir: str | None = Field(
@@ -332,6 +353,18 @@ class DistillConfig(_Section):
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     resources: TrainResources = Field(default_factory=TrainResources)
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _live_teacher_for_sampled_or_non_forward(self) -> DistillConfig:
+        # The offline cache holds the teacher on the dataset's responses only, as a top-k (forward KL only).
+        if self.teacher_mode == "topk_cache" and self.policy != "off":
+            raise ValueError(f"distill.policy={self.policy!r} needs a live teacher to score the sampled "
+                             "responses; distill.teacher_mode='topk_cache' only covers the dataset's responses "
+                             "(use 'replicated' or 'zero3')")
+        if self.teacher_mode == "topk_cache" and self.divergence != "forward_kl":
+            raise ValueError(f"distill.divergence={self.divergence!r} needs the teacher's full distribution; "
+                             "distill.teacher_mode='topk_cache' supports 'forward_kl' only")
+        return self
 
 
 # --------------------------------------------------------------------------- generation / evaluation

@@ -6,7 +6,11 @@
    - *reference-style loop*: what the LeaF release's distillation does per step: every sequence padded to
      ``data.max_length``, teacher and student logits over the whole padded batch, the KL computed on the full
      ``[B, T, V]`` fp32 tensors at once (no chunking), masked afterwards; same optimizer and engine.
-   Reported: steady-state target tokens/s of both and the ratio (target ≥ 3×).
+   - *on-policy step* (``distill.policy: on``, issue 28): the same ``train_step`` whose micro-batches are the
+     student's own samples (``distill.sampling``: transformers ``generate``, then the teacher scores the sampled
+     tokens and the hybrid loss trains on them); its tokens are the sampled ones, its time includes generation.
+   Reported: steady-state target tokens/s of all three, the ratio this trainer / reference (target ≥ 3×),
+   the on-policy / off-policy ratio and the share of the on-policy step spent generating.
 2. Loss memory. H4's :mod:`leaf_ray.bench.distill_memory`: peak memory of the loss at vocab ≥ 32k and
    sequence ≥ 2k, chunked vs naive (target ratio ≤ 0.25).
 
@@ -102,6 +106,7 @@ class LoopTiming:
     cpu_seconds: float = 0.0
     real_tokens: int = 0
     padded_tokens: int = 0
+    sample_seconds: float = 0.0
 
     def add(self, target_tokens: int, seconds: float, cpu_seconds: float, *, real: int, padded: int) -> None:
         self.target_tokens += target_tokens
@@ -119,14 +124,15 @@ class LoopTiming:
         return self.target_tokens / self.cpu_seconds
 
 
-def time_loops(cfg: LeafConfig, rows, *, steps: int, warmup: int) -> tuple[LoopTiming, LoopTiming]:
-    """Both loops on the same rows and models, each from the same initial student weights.
+def time_loops(cfg: LeafConfig, rows, *, steps: int, warmup: int) -> tuple[LoopTiming, LoopTiming, LoopTiming]:
+    """The three loops on the same rows and models, each from the same initial student weights.
 
-    Their steps are interleaved (one of ours, one of the reference's, ...) so that a machine whose load changes
-    during the bench slows both alike; wall-clock and process CPU seconds are both recorded."""
+    Their steps are interleaved (one of ours, one on-policy, one of the reference's, ...) so that a machine
+    whose load changes during the bench slows all alike; wall-clock and process CPU seconds are recorded."""
     from leaf_ray.distill.data import plan_epoch
     from leaf_ray.distill.engines import build_student, build_teacher
     from leaf_ray.distill.inline import local_process_group
+    from leaf_ray.distill.onpolicy import build_sampler
     from leaf_ray.distill.trainer import DistillRecipe, World, accumulation_steps
     from leaf_ray.models import load_tokenizer
 
@@ -134,13 +140,19 @@ def time_loops(cfg: LeafConfig, rows, *, steps: int, warmup: int) -> tuple[LoopT
     dcfg = cfg.distill
     micro = dcfg.micro_batch_size
     accum = accumulation_steps(dcfg.global_batch_size, micro, 1)
-    pad_id = load_tokenizer(cfg.models.student).pad_token_id
+    tokenizer = load_tokenizer(cfg.models.student)
+    pad_id = tokenizer.pad_token_id
     total = warmup + steps
     teacher = build_teacher(cfg, 1, accum, "cpu")
     ours_engine = build_student(cfg, 1, accum, total)
     ref_engine = build_student(cfg, 1, accum, total, with_loss=False)
-    recipe = DistillRecipe(cfg, World(rank=0, size=1, accum=accum), engine=ours_engine, teacher=teacher,
-                           train_rows=rows, pad_id=pad_id)
+    world = World(rank=0, size=1, accum=accum)
+    recipe = DistillRecipe(cfg, world, engine=ours_engine, teacher=teacher, train_rows=rows, pad_id=pad_id)
+    on_cfg = cfg.model_copy(deep=True)
+    on_cfg.distill.policy = "on"
+    on_engine = build_student(on_cfg, 1, accum, total)
+    on_recipe = DistillRecipe(on_cfg, world, engine=on_engine, teacher=teacher, train_rows=rows, pad_id=pad_id,
+                              sampler=build_sampler(on_cfg, on_engine, tokenizer, 0, 1))
 
     plans: list = []
     while sum(len(p.steps) for p in plans) < total:
@@ -148,7 +160,7 @@ def time_loops(cfg: LeafConfig, rows, *, steps: int, warmup: int) -> tuple[LoopT
                                 micro_batch_size=micro, accum_steps=accum, bucket_steps=dcfg.bucket_steps))
     schedule = [(p, s) for p in plans for s in range(len(p.steps))][:total]
     order = list(range(len(rows)))
-    ours, ref = LoopTiming("this trainer"), LoopTiming("reference-style")
+    ours, on, ref = LoopTiming("this trainer"), LoopTiming("on-policy step"), LoopTiming("reference-style")
     for k, (plan, s) in enumerate(schedule):
         cpu0 = time.process_time()
         m = recipe.train_step(plan, s)
@@ -156,14 +168,19 @@ def time_loops(cfg: LeafConfig, rows, *, steps: int, warmup: int) -> tuple[LoopT
         n, real, sec = reference_step(ref_engine, teacher.model, rows, order, k, micro, accum, cfg.data.max_length,
                                       pad_id, dcfg.temperature)
         cpu2 = time.process_time()
+        m_on = on_recipe.train_step(plan, s)
+        cpu3 = time.process_time()
         if k < warmup:
             continue
+        on.add(int(m_on["target_tokens"]), m_on["step_seconds"], cpu3 - cpu2, real=int(m_on["target_tokens"]),
+               padded=int(m_on["target_tokens"]))
+        on.sample_seconds += m_on["sample_seconds"]
         batches = [mb for slot in plan.steps[s] for mb in slot if mb is not None]
         ours.add(int(m["target_tokens"]), m["step_seconds"], cpu1 - cpu0,
                  real=sum(len(rows.input_ids[i]) for mb in batches for i in mb),
                  padded=sum(max(len(rows.input_ids[i]) for i in mb) * len(mb) for mb in batches))
         ref.add(n, sec, cpu2 - cpu1, real=real, padded=micro * accum * cfg.data.max_length)
-    return ours, ref
+    return ours, on, ref
 
 
 def run_distill_bench(cfg: LeafConfig, console, *, steps: int = 10, warmup: int = 2, memory: bool = True,
@@ -192,14 +209,14 @@ def run_distill_bench(cfg: LeafConfig, console, *, steps: int = 10, warmup: int 
                       f"{lengths.max()}; max_length {cfg.data.max_length}; micro {cfg.distill.micro_batch_size} × "
                       f"accumulation {cfg.distill.global_batch_size // cfg.distill.micro_batch_size}; "
                       f"{warmup} warm-up + {steps} timed steps per loop; {torch.get_num_threads()} torch thread(s)")
-        ours, ref = time_loops(cfg, rows, steps=steps, warmup=warmup)
+        ours, on, ref = time_loops(cfg, rows, steps=steps, warmup=warmup)
     table = Table(title="Stage 2 step throughput (target tokens/s, after warm-up)")
     for col in ("loop", "targets", "wall s", "tok/s", "CPU s", "tok/CPU s", "real/pad"):
         table.add_column(col, justify="left" if col == "loop" else "right")
-    for t in (ours, ref):
+    for t in (ours, on, ref):
         table.add_row(t.name, str(t.target_tokens), f"{t.seconds:.2f}", f"{t.tokens_per_s:.1f}",
                       f"{t.cpu_seconds:.2f}", f"{t.tokens_per_cpu_s:.1f}",
-                      f"{t.real_tokens / max(t.padded_tokens, 1):.2f}")
+                      f"{t.real_tokens / max(t.padded_tokens, 1):.2f}" if t is not on else "")
     ratio = ours.tokens_per_s / ref.tokens_per_s
     cpu_ratio = ours.tokens_per_cpu_s / ref.tokens_per_cpu_s
     table.add_row("[bold]ratio[/bold]", "", "", f"[bold]{ratio:.2f}×[/bold]", "", f"{cpu_ratio:.2f}×", "")
@@ -210,8 +227,17 @@ def run_distill_bench(cfg: LeafConfig, console, *, steps: int = 10, warmup: int 
                   "targets / tok = target (response) tokens; CPU s = process CPU time (less sensitive to a busy "
                   "machine); real/pad = real tokens / tokens after padding.")
     console.print(f"target ≥ 3×: {'[green]met[/green]' if ratio >= 3 else '[red]not met[/red]'}")
+    on_ratio = on.tokens_per_s / ours.tokens_per_s
+    sampling = cfg.distill.sampling
+    console.print(f"on-policy step (distill.policy=on, divergence {cfg.distill.divergence}): the student samples "
+                  f"≤ {sampling.max_new_tokens} tokens per prompt at temperature {sampling.temperature} "
+                  f"(transformers generate), the teacher scores them, the loss trains on them; tokens = sampled "
+                  f"tokens; {on.tokens_per_s:.1f} tok/s = {on_ratio:.2f}× the off-policy step; generation "
+                  f"{on.sample_seconds / on.seconds:.0%} of its time.")
     results["throughput"] = {"ours_tokens_per_s": ours.tokens_per_s, "reference_tokens_per_s": ref.tokens_per_s,
-                             "ratio": ratio, "cpu_ratio": cpu_ratio}
+                             "ratio": ratio, "cpu_ratio": cpu_ratio, "on_policy_tokens_per_s": on.tokens_per_s,
+                             "on_policy_over_off_policy": on_ratio,
+                             "on_policy_generation_share": on.sample_seconds / on.seconds}
     if memory:
         from leaf_ray.bench import distill_memory
 

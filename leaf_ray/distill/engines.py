@@ -58,8 +58,8 @@ class StudentWithLoss(torch.nn.Module):
         self.model = model
         self.chunked_head = chunked_head
         self.n_tokens = n_tokens
-        self.loss_kwargs = dict(lambda_=dcfg.lambda_, temperature=dcfg.temperature, weighting=dcfg.weighting,
-                                chunk_size=dcfg.chunk_size)
+        self.loss_kwargs = {"lambda_": dcfg.lambda_, "temperature": dcfg.temperature, "weighting": dcfg.weighting,
+                            "chunk_size": dcfg.chunk_size, "divergence": dcfg.divergence, "jsd_beta": dcfg.jsd_beta}
 
     def forward(self, input_ids, attention_mask, target_mask, is_counterfactual, teacher) -> dict:
         from leaf_ray.distill.loss import hybrid_kl_from_hidden, hybrid_kl_loss

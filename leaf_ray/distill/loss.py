@@ -12,9 +12,24 @@ has no predicting position: error), and the last position's logits (predicting p
 used. (The reference release masks with the unshifted labels: it drops the position predicting the first
 response token and includes the one after the last.)
 
-Per-position KL (forward KL, teacher first; t = temperature)
-------------------------------------------------------------
-    KL_pos = t² · Σ_v p_T(v) · (log p_T(v) − log p_S(v)),    p = softmax(logits / t)
+Per-position divergence (t = temperature, p = p_T, q = p_S, each softmax(logits / t))
+-----------------------------------------------------------------------------------
+``divergence`` selects D, always scaled by t²:
+
+- ``forward_kl`` (the default, LeaF's): KL(p‖q) = Σ_v p(v) (log p(v) − log q(v))   (mode covering)
+- ``reverse_kl``: KL(q‖p) = Σ_v q(v) (log q(v) − log p(v))   (mode seeking; on-policy distillation's usual
+  choice, e.g. Qwen3 / Thinking Machines)
+- ``jsd`` (GKD's generalised Jensen–Shannon, Agarwal et al. 2024): with m = β p + (1 − β) q,
+  JSD_β = β KL(p‖m) + (1 − β) KL(q‖m),  0 < β < 1 (``jsd_beta``; β → 0 and β → 1 both vanish, use the KLs)
+
+Gradients w.r.t. the student's scaled logits s (closed forms, no autograd graph): forward KL
+q_v Σ_u p_u − p_v; reverse KL q_v (f_v − Σ_u q_u f_u) with f = log q − log p; JSD_β
+(1 − β) q_v (f_v − Σ_u q_u f_u) with f = log q − log m (the β KL(p‖m) term and the constant of the second one
+cancel against the softmax's Jacobian). The gradient w.r.t. the raw logits is t times that (t² · 1/t).
+Reverse KL and JSD need the teacher's full distribution (a live teacher); the top-k cache supports forward
+KL only.
+
+The forward KL in detail: KL_pos = t² · Σ_v p_T(v) · (log p_T(v) − log p_S(v))
 
 A vocabulary entry with p_T(v) = 0 (underflow, or a −inf teacher logit) contributes exactly 0, decided per
 entry *before* the sum (the reference's ``nan_to_num`` after the sum zeroed a whole position). For a top-k
@@ -56,6 +71,8 @@ import torch
 from leaf_ray.distill.teacher import TeacherBatch, TeacherLogits, TeacherTopK
 
 Weighting = Literal["lambda", "per_token"]
+Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
 
 @dataclass
@@ -98,23 +115,30 @@ def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def kl_and_grad_rows_full(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
-                          weights: torch.Tensor | None = None):
-    """Rows ``[n, V]`` (teacher cut to V) -> (KL_pos [n] fp32, d(Σ_i w_i KL_i)/d student rows or None).
+                          weights: torch.Tensor | None = None, divergence: Divergence = "forward_kl",
+                          jsd_beta: float = 0.5):
+    """Rows ``[n, V]`` (teacher cut to V) -> (D_pos [n] fp32, d(Σ_i w_i D_i)/d student rows or None).
 
-    KL_pos = t² Σ_v p_T (log p_T − log p_S), p = softmax(logits / t); a p_T = 0 entry contributes exactly 0.
-    Gradient: ∂KL_pos/∂s_v = t (q_v Σ_u p_u − p_v) with q = p_S (closed form: no autograd graph is kept).
+    Forward KL: D_pos = t² Σ_v p_T (log p_T − log p_S), p = softmax(logits / t); a p_T = 0 entry contributes
+    exactly 0. Gradient: ∂D_pos/∂s_v = t (q_v Σ_u p_u − p_v) with q = p_S (closed form: no autograd graph is
+    kept). ``reverse_kl`` and ``jsd`` (with ``jsd_beta``): the formulas of the module docstring.
     """
     return _kl_and_grad_full(_scaled_fp32(student_logits, temperature), lambda: teacher_logits, temperature,
-                             weights)
+                             weights, divergence, jsd_beta)
 
 
 def _kl_and_grad_full(student_scaled: torch.Tensor, teacher_rows, temperature: float,
-                      weights: torch.Tensor | None):
+                      weights: torch.Tensor | None, divergence: Divergence = "forward_kl",
+                      jsd_beta: float = 0.5):
     """As :func:`kl_and_grad_rows_full`, taking ownership of ``student_scaled`` = fp32 student logits / t;
     ``teacher_rows()`` gives the teacher's rows (cut to V) only when needed, so a gathered copy dies at once.
-    At most three fp32 [n, V] buffers are alive at once."""
+    At most three fp32 [n, V] buffers are alive at once (four for the JSD)."""
     log_q = _log_softmax_(student_scaled)
     log_p = _log_softmax_(_scaled_fp32(teacher_rows(), temperature))
+    if divergence == "reverse_kl":
+        return _reverse_kl_and_grad(log_q, log_p, temperature, weights)
+    if divergence == "jsd":
+        return _jsd_and_grad(log_q, log_p, jsd_beta, temperature, weights)
     p = log_p.exp()
     kl = _row_dot(p, log_p.sub_(log_q)) * temperature**2
     del log_p
@@ -122,6 +146,47 @@ def _kl_and_grad_full(student_scaled: torch.Tensor, teacher_rows, temperature: f
         return kl, None
     grad = log_q.exp_().mul_(p.sum(dim=-1, keepdim=True)).sub_(p)
     return kl, grad.mul_(temperature * weights[:, None])
+
+
+def _softmax_projected_(f: torch.Tensor, q: torch.Tensor, mean_f: torch.Tensor) -> torch.Tensor:
+    """q ⊙ (f − Σ_u q_u f_u), in place in ``f``: the gradient w.r.t. the logits of Σ_v q_v f_v when
+    ∂f/∂q contributes nothing after the projection (the reverse KL and the JSD's student term)."""
+    return f.sub_(mean_f[:, None]).mul_(q)
+
+
+def _reverse_kl_and_grad(log_q: torch.Tensor, log_p: torch.Tensor, temperature: float,
+                         weights: torch.Tensor | None):
+    """KL(q‖p) = Σ q (log q − log p), t²-scaled; gradient t · q ⊙ (f − KL), f = log q − log p.
+    A p = 0 entry under q > 0 gives a huge finite value (log p is clamped), never inf or NaN."""
+    q = log_q.exp()
+    f = log_q.sub_(log_p)
+    del log_p
+    kl = _row_dot(q, f)
+    if weights is None:
+        return kl * temperature**2, None
+    grad = _softmax_projected_(f, q, kl)
+    return kl * temperature**2, grad.mul_(temperature * weights[:, None])
+
+
+def _jsd_and_grad(log_q: torch.Tensor, log_p: torch.Tensor, beta: float, temperature: float,
+                  weights: torch.Tensor | None):
+    """JSD_β = β KL(p‖m) + (1 − β) KL(q‖m), m = β p + (1 − β) q, t²-scaled; gradient
+    t (1 − β) q ⊙ (f − Σ q f), f = log q − log m. Four fp32 [n, V] buffers at the peak."""
+    if not 0.0 < beta < 1.0:
+        raise ValueError(f"jsd_beta must be in (0, 1), got {beta}")
+    p = log_p.exp()
+    log_m = log_q.exp().mul_(1.0 - beta).add_(p, alpha=beta).log_().clamp_(min=torch.finfo(p.dtype).min)
+    kl_teacher = _row_dot(p, log_p.sub_(log_m))
+    del p, log_p
+    q = log_q.exp()
+    f = log_q.sub_(log_m)
+    del log_m
+    kl_student = _row_dot(q, f)
+    jsd = (beta * kl_teacher + (1.0 - beta) * kl_student) * temperature**2
+    if weights is None:
+        return jsd, None
+    grad = _softmax_projected_(f, q, kl_student)
+    return jsd, grad.mul_(temperature * (1.0 - beta) * weights[:, None])
 
 
 def kl_and_grad_rows_topk(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
@@ -203,6 +268,8 @@ class _Plan:
     student_vocab: int
     temperature: float
     chunk_size: int
+    divergence: Divergence = "forward_kl"
+    jsd_beta: float = 0.5
 
     def teacher_kl_and_grad(self, student_scaled: torch.Tensor, start: int, end: int,
                             weights: torch.Tensor | None):
@@ -216,7 +283,8 @@ class _Plan:
             def rows():
                 return (t.logits[start:end] if t.logits.dim() == 2 else t.logits[b, p])[:, :vocab]
 
-            return _kl_and_grad_full(student_scaled, rows, self.temperature, weights)
+            return _kl_and_grad_full(student_scaled, rows, self.temperature, weights, self.divergence,
+                                     self.jsd_beta)
         if t.indices.dim() == 2:
             ids, lps = t.indices[start:end], t.logprobs[start:end]
             tail = None if t.tail_logprob is None else t.tail_logprob[start:end]
@@ -227,7 +295,7 @@ class _Plan:
 
 
 def _validate_teacher(teacher, batch: int, seq: int, n_positions: int, student_vocab: int,
-                      temperature: float) -> TeacherBatch:
+                      temperature: float, divergence: Divergence = "forward_kl") -> TeacherBatch:
     if isinstance(teacher, torch.Tensor):
         teacher = TeacherLogits(teacher)
     if isinstance(teacher, TeacherLogits):
@@ -238,6 +306,9 @@ def _validate_teacher(teacher, batch: int, seq: int, n_positions: int, student_v
         _check_vocab(shape[-1], student_vocab)
         return teacher
     if isinstance(teacher, TeacherTopK):
+        if divergence != "forward_kl":
+            raise ValueError(f"divergence {divergence!r} needs the teacher's full distribution; a top-k teacher "
+                             "(the offline cache) supports 'forward_kl' only")
         shape = tuple(teacher.indices.shape)
         if tuple(teacher.logprobs.shape) != shape or not (
                 shape[:-1] == (batch, seq) or shape[:-1] == (n_positions,)) or len(shape) not in (2, 3):
@@ -268,9 +339,13 @@ def _validate_teacher(teacher, batch: int, seq: int, n_positions: int, student_v
 
 
 def _plan(target_mask, is_counterfactual, teacher, student_vocab, *, batch, seq, device, lambda_, temperature,
-          weighting, chunk_size) -> tuple[_Plan, int, int]:
+          weighting, chunk_size, divergence="forward_kl", jsd_beta=0.5) -> tuple[_Plan, int, int]:
     if weighting not in ("lambda", "per_token"):
         raise ValueError(f"weighting must be 'lambda' or 'per_token', got {weighting!r}")
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    if divergence == "jsd" and not 0.0 < jsd_beta < 1.0:
+        raise ValueError(f"jsd_beta must be in (0, 1), got {jsd_beta}")
     if not 0.0 <= lambda_ <= 1.0:
         raise ValueError(f"lambda_ must be in [0, 1], got {lambda_}")
     if temperature <= 0:
@@ -298,9 +373,9 @@ def _plan(target_mask, is_counterfactual, teacher, student_vocab, *, batch, seq,
         weights = torch.where(cf_position, (1.0 - lambda_) / max(n_cf, 1), lambda_ / max(n_orig, 1))
     else:
         weights = torch.full((n_positions,), 1.0 / max(n_positions, 1), device=device)
-    teacher = _validate_teacher(teacher, batch, seq, n_positions, student_vocab, temperature)
+    teacher = _validate_teacher(teacher, batch, seq, n_positions, student_vocab, temperature, divergence)
     plan = _Plan(batch_index, position_index, cf_position, weights.float(), teacher, student_vocab,
-                 temperature, chunk_size)
+                 temperature, chunk_size, divergence, jsd_beta)
     return plan, n_orig, n_cf
 
 
@@ -391,14 +466,16 @@ def _kl_output(plan: _Plan, inputs: tuple[torch.Tensor, ...], n_orig: int, n_cf:
 def hybrid_kl_loss(student_logits: torch.Tensor, teacher: TeacherBatch | torch.Tensor,
                    target_mask: torch.Tensor, is_counterfactual: torch.Tensor, *, lambda_: float,
                    temperature: float = 1.0, weighting: Weighting = "lambda",
-                   chunk_size: int = 256) -> KLOutput:
+                   chunk_size: int = 256, divergence: Divergence = "forward_kl",
+                   jsd_beta: float = 0.5) -> KLOutput:
     """L = λ·KL_orig + (1−λ)·KL_cf (or the per-token mean), KL_pos = t² Σ_v p_T (log p_T − log p_S).
 
     student_logits [B, T, V] (any float dtype; upcast per chunk); teacher: :class:`TeacherLogits` /
     :class:`TeacherTopK` (dense or packed) or a raw logits tensor; target_mask [B, T]: 1 = token t is a
     target, its KL is taken at position t − 1; is_counterfactual [B] bool. Teacher vocab > V is truncated to
-    V (one warning per size pair); < V is an error. The module docstring details alignment, weighting and
-    memory.
+    V (one warning per size pair); < V is an error. ``divergence`` (forward / reverse KL, generalised JSD with
+    ``jsd_beta``) replaces KL_pos by that divergence; the module docstring details the formulas, alignment,
+    weighting and memory.
     """
     if student_logits.dim() != 3:
         raise ValueError("student_logits must be [batch, seq, vocab], got shape "
@@ -406,7 +483,8 @@ def hybrid_kl_loss(student_logits: torch.Tensor, teacher: TeacherBatch | torch.T
     batch, seq, vocab = student_logits.shape
     plan, n_orig, n_cf = _plan(target_mask, is_counterfactual, teacher, vocab, batch=batch, seq=seq,
                                device=student_logits.device, lambda_=lambda_, temperature=temperature,
-                               weighting=weighting, chunk_size=chunk_size)
+                               weighting=weighting, chunk_size=chunk_size, divergence=divergence,
+                               jsd_beta=jsd_beta)
     return _kl_output(plan, (student_logits,), n_orig, n_cf)
 
 
@@ -414,7 +492,8 @@ def hybrid_kl_from_hidden(student_hidden: torch.Tensor, lm_head_weight: torch.Te
                           teacher: TeacherBatch | torch.Tensor, target_mask: torch.Tensor,
                           is_counterfactual: torch.Tensor, *, lambda_: float, temperature: float = 1.0,
                           weighting: Weighting = "lambda", chunk_size: int = 256,
-                          lm_head_bias: torch.Tensor | None = None) -> KLOutput:
+                          lm_head_bias: torch.Tensor | None = None, divergence: Divergence = "forward_kl",
+                          jsd_beta: float = 0.5) -> KLOutput:
     """:func:`hybrid_kl_loss` with student logits = hidden @ W.T (+ b) built per chunk of target positions.
 
     student_hidden [B, T, H] (the final hidden states, after the last norm); lm_head_weight [V, H] (whole,
@@ -430,6 +509,7 @@ def hybrid_kl_from_hidden(student_hidden: torch.Tensor, lm_head_weight: torch.Te
     vocab = lm_head_weight.shape[0]
     plan, n_orig, n_cf = _plan(target_mask, is_counterfactual, teacher, vocab, batch=batch, seq=seq,
                                device=student_hidden.device, lambda_=lambda_, temperature=temperature,
-                               weighting=weighting, chunk_size=chunk_size)
+                               weighting=weighting, chunk_size=chunk_size, divergence=divergence,
+                               jsd_beta=jsd_beta)
     inputs = (student_hidden, lm_head_weight) + ((lm_head_bias,) if lm_head_bias is not None else ())
     return _kl_output(plan, inputs, n_orig, n_cf)

@@ -22,7 +22,14 @@ the hybrid loss over its real micro-batches (:func:`micro_batch_weight`).
 
 MLflow (rank 0 logs per-step metrics into the run the driver opened): params (flattened config, package
 versions, git commit), ``loss``, ``kl_original``, ``kl_counterfactual``, ``lr``, ``grad_norm``, ``tokens_per_s``
-(target tokens), ``val_loss``, the resolved config, a sample of the counterfactuals, the exported model.
+(target tokens), ``kl_per_token``, ``val_loss``, the resolved config, a sample of the counterfactuals, the
+exported model; on-policy steps add ``sampled_length``, ``teacher_logprob``, ``student_logprob``,
+``on_policy_share`` and ``sample_seconds``.
+
+On-policy (``distill.policy: on | mixed``, :mod:`leaf_ray.distill.onpolicy`): in an on-policy accumulation slot
+every rank's micro-batch is replaced by the student's own samples for its prompts (the sampler's RNG state is
+saved with each checkpoint); the teacher scores them and the same loss trains on them. Validation always
+scores the dataset's responses.
 
 Fault tolerance and its guarantee
 ---------------------------------
@@ -72,6 +79,7 @@ from leaf_ray.distill.data import (
     steps_per_epoch,
 )
 from leaf_ray.distill.engines import build_student, build_teacher
+from leaf_ray.distill.onpolicy import build_sampler, on_policy_slot, prompts_of, sampled_batch
 
 
 def accumulation_steps(global_batch: int, micro_batch: int, world: int) -> int:
@@ -175,7 +183,7 @@ class DistillRecipe:
     def __init__(self, cfg: LeafConfig, world: World, *, engine, teacher, train_rows: TokenizedRows,
                  pad_id: int, val_rows: TokenizedRows | None = None, tokenizer=None, out_dir: Path | None = None,
                  variant: str | None = None, logger=None,
-                 report: Callable[[dict[str, float], Path, str], None] | None = None):
+                 report: Callable[[dict[str, float], Path, str], None] | None = None, sampler=None):
         self.cfg, self.dcfg, self.world = cfg, cfg.distill, world
         self.report = report or ray_train_report  # where a written checkpoint goes (Ray Train, or a local dir)
         self.engine, self.teacher, self.pad_id, self.tokenizer = engine, teacher, pad_id, tokenizer
@@ -184,6 +192,8 @@ class DistillRecipe:
         self.per_epoch, self.total_steps = step_counts(self.dcfg, len(train_rows), world)
         self.state = TrainState()
         self.inject_crash = False
+        # distill.policy on / mixed: who samples the student's responses (leaf_ray/distill/onpolicy.py)
+        self.sampler = sampler
 
     # ---- setup
 
@@ -203,10 +213,11 @@ class DistillRecipe:
         engine = build_student(cfg, world.size, world.accum, step_counts(dcfg, len(train_rows), world)[1],
                                device=world.device)
         teacher = build_teacher(cfg, world.size, world.accum, engine.device)
+        sampler = build_sampler(cfg, engine, tokenizer, world.rank, world.size) if dcfg.policy != "off" else None
         recipe = cls(cfg, world, engine=engine, teacher=teacher, train_rows=train_rows, val_rows=val_rows,
                      pad_id=tokenizer.pad_token_id, tokenizer=tokenizer, out_dir=out_dir, variant=variant,
                      logger=MetricLogger(tracking, pending_metrics_file(out_dir)) if world.rank == 0 else None,
-                     report=report)
+                     report=report, sampler=sampler)
         recipe.inject_crash = inject_crash
         # -- resume
         if checkpoint_dir is not None:
@@ -292,10 +303,19 @@ class DistillRecipe:
         weight = micro_batch_weight(plan.real_micro_batches(step_index), world.size, world.accum)
         sums = StepSums()
         grad_norm = None
-        for slot in plan.steps[step_index]:
+        for a, slot in enumerate(plan.steps[step_index]):
             indices = slot[world.rank]
             batch = self.micro_batch(self.train_rows, indices)
-            kl = batch_loss(engine, self.teacher, batch)
+            samples = None
+            if self.sampler is not None and on_policy_slot(self.dcfg.policy, self.dcfg.on_policy_fraction,
+                                                           seed=self.cfg.run.seed, step=self.state.step, slot=a):
+                # every rank samples in this slot, a padding micro-batch too (ZeRO-3 generates in lockstep)
+                t_sample = time.perf_counter()
+                batch, samples = self.on_policy_batch(batch, real=indices is not None)
+                sums.values["sample_seconds"] += time.perf_counter() - t_sample
+            kl, teacher_batch = batch_loss_and_teacher(engine, self.teacher, batch)
+            if samples is not None and indices is not None:
+                sums.add_samples(samples, teacher_batch, batch)
             # A padding micro-batch has no targets: its loss is a graph-connected 0 (all ranks must run backward).
             engine.backward(kl.loss * (weight if indices is not None else 0.0))
             if engine.is_gradient_accumulation_boundary() and self.dcfg.deepspeed.zero_stage == 0:
@@ -303,11 +323,13 @@ class DistillRecipe:
             engine.step()
             if indices is not None:
                 sums.add(kl, batch)
+        if self.sampler is not None:
+            self.sampler.sync_weights()  # the next samples come from the updated student
         grad_norm = engine.get_global_grad_norm() if engine.get_global_grad_norm() is not None else grad_norm
         totals = sums.all_reduce()
         seconds = time.perf_counter() - t0
         target_tokens = totals["n_original"] + totals["n_counterfactual"]
-        return {
+        return on_policy_metrics(totals, world) | {
             "loss": totals["loss"] / max(totals["micro_batches"], 1),
             "kl_original": totals["kl_original"] / max(totals["n_original"], 1),
             "kl_counterfactual": totals["kl_counterfactual"] / max(totals["n_counterfactual"], 1),
@@ -317,7 +339,17 @@ class DistillRecipe:
             "target_tokens": target_tokens,
             "padding_fraction": 1.0 - totals["tokens"] / max(totals["padded_tokens"], 1),
             "step_seconds": seconds,
+            "kl_per_token": (totals["kl_original"] + totals["kl_counterfactual"]) / max(target_tokens, 1),
         }
+
+    def on_policy_batch(self, batch, *, real: bool):
+        """The micro-batch of the student's sampled responses to ``batch``'s prompts (a padding batch samples
+        too, to keep ranks in step, and stays the zero-weight padding batch) -> (batch, samples)."""
+        prompts = prompts_of(batch)
+        samples = self.sampler.sample(prompts)
+        if not real:
+            return batch, samples
+        return sampled_batch(batch, prompts, samples, self.pad_id), samples
 
     # ---- validate
 
@@ -362,6 +394,8 @@ class DistillRecipe:
         with tempfile.TemporaryDirectory(prefix="leaf-ray-ckpt-") as tmp:
             self.engine.save_checkpoint(tmp, tag=f"step{step:07d}", client_state={"leaf_ray": asdict(self.state)})
             torch.save(rng_states(), Path(tmp) / f"rng_rank{self.world.rank}.pt")
+            if self.sampler is not None:  # a resumed run samples the same responses
+                torch.save(self.sampler.state_dict(), Path(tmp) / f"sampler_rank{self.world.rank}.pt")
             report = {k: v for k, v in metrics.items() if isinstance(v, (int, float))} | {"step": step}
             self.report(report, Path(tmp), f"checkpoint-step{step:07d}")
 
@@ -374,6 +408,12 @@ class DistillRecipe:
         rng_file = ckpt_dir / f"rng_rank{self.world.rank}.pt"
         if rng_file.exists():
             set_rng_states(torch.load(rng_file, weights_only=False))
+        sampler_file = ckpt_dir / f"sampler_rank{self.world.rank}.pt"
+        if self.sampler is not None:
+            if not sampler_file.exists():
+                raise RuntimeError(f"{ckpt_dir} has no sampling RNG state {sampler_file.name} for this on-policy "
+                                   "run (written by an off-policy run?)")
+            self.sampler.load_state_dict(torch.load(sampler_file, weights_only=False))
         self.state = TrainState(**client_state["leaf_ray"])
 
     def save_best(self) -> None:
@@ -424,6 +464,11 @@ def micro_batch_weight(n_real: int, world: int, accum: int) -> float:
 
 def batch_loss(engine, teacher, batch):
     """The KLOutput of one micro-batch: student and teacher see the same input ids."""
+    return batch_loss_and_teacher(engine, teacher, batch)[0]
+
+
+def batch_loss_and_teacher(engine, teacher, batch):
+    """(KLOutput, the teacher's batch signal) of one micro-batch."""
     from leaf_ray.distill.loss import KLOutput
 
     batch = {k: v.to(engine.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -431,7 +476,20 @@ def batch_loss(engine, teacher, batch):
     out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                  target_mask=batch["target_mask"], is_counterfactual=batch["is_counterfactual"],
                  teacher=teacher_batch)
-    return KLOutput(**out)
+    return KLOutput(**out), teacher_batch
+
+
+def on_policy_metrics(totals: dict[str, float], world: World) -> dict[str, float]:
+    """Step metrics of the sampled responses (only in steps that sampled): mean sampled length (tokens, EOS
+    included), mean teacher and student log-prob per sampled token (temperature 1), the share of
+    micro-batches sampled and the generation seconds per rank."""
+    if not totals["sampled_rows"]:
+        return {}
+    n = max(totals["sampled_tokens"], 1)
+    return {"sampled_length": totals["sampled_tokens"] / totals["sampled_rows"],
+            "teacher_logprob": totals["teacher_logprob"] / n, "student_logprob": totals["student_logprob"] / n,
+            "on_policy_share": totals["on_policy_micro_batches"] / max(totals["micro_batches"], 1),
+            "sample_seconds": totals["sample_seconds"] / world.size}
 
 
 @dataclass
@@ -440,7 +498,8 @@ class StepSums:
 
     values: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
         ["loss", "micro_batches", "kl_original", "n_original", "kl_counterfactual", "n_counterfactual", "tokens",
-         "padded_tokens"], 0.0))
+         "padded_tokens", "sampled_rows", "sampled_tokens", "teacher_logprob", "student_logprob",
+         "on_policy_micro_batches", "sample_seconds"], 0.0))
 
     def add(self, kl, batch) -> None:
         v = self.values
@@ -452,6 +511,18 @@ class StepSums:
         v["n_counterfactual"] += kl.n_counterfactual_tokens
         v["tokens"] += batch["n_tokens"]
         v["padded_tokens"] += batch["input_ids"].numel()
+
+    def add_samples(self, samples, teacher_batch, batch) -> None:
+        """An on-policy micro-batch: its sampled lengths and both models' log-probs of the sampled tokens."""
+        from leaf_ray.distill.onpolicy import target_logprob_sum
+
+        v = self.values
+        v["sampled_rows"] += len(samples.tokens)
+        v["sampled_tokens"] += sum(len(t) for t in samples.tokens)
+        v["student_logprob"] += float(sum(lp.sum() for lp in samples.student_logprobs))
+        v["teacher_logprob"] += target_logprob_sum(teacher_batch, batch["input_ids"].to(teacher_batch.logits.device),
+                                                   batch["target_mask"].to(teacher_batch.logits.device))
+        v["on_policy_micro_batches"] += 1
 
     def all_reduce(self) -> dict[str, float]:
         from leaf_ray.distributed import all_reduce_sum
