@@ -73,7 +73,7 @@ def models_make_tiny(
     seed: int = 0,
 ) -> None:
     """Build a tiny teacher and a smaller student sharing one offline-trained tokenizer."""
-    from leaf_ray.models import make_tiny_pair
+    from leaf_ray.tiny_models import make_tiny_pair
 
     paths = make_tiny_pair(out_dir, arch=arch, seed=seed)
     for role, p in paths.items():
@@ -83,7 +83,13 @@ def models_make_tiny(
 @models_app.command("check")
 def models_check(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Load teacher and student from their local paths and check they can be distilled together."""
-    from leaf_ray.models import ModelCompatibilityError, ModelLoadError, check_pair, model_config, vocab_size_of
+    from leaf_ray.models import (
+        ModelCompatibilityError,
+        ModelLoadError,
+        check_pair,
+        model_config,
+        vocab_size_of,
+    )
 
     cfg = resolve(config, set_)
     try:
@@ -162,8 +168,8 @@ def distill(
 def generate(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Teacher responses for `data/clean` (vLLM or transformers, Ray Data actor pool), kept only where the
     final answer matches the reference; written to `<run dir>/generate/teacher_responses/`."""
+    from leaf_ray.evaluate.teacher_responses import generate_teacher_responses
     from leaf_ray.generate.backends import GenerationError
-    from leaf_ray.generate.pipeline import generate_teacher_responses
     from leaf_ray.models import ModelLoadError
 
     cfg = resolve(config, set_)
@@ -247,7 +253,7 @@ def run(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 def demo(config: ConfigOpt = None, set_: SetOpt = None, verbose: VerboseOpt = False) -> None:
     """LeaF on the controlled focus task (configs/demo.yaml): tables, heatmaps, report.html, MLflow."""
     from leaf_ray import console as quiet
-    from leaf_ray.demo import run_demo
+    from leaf_ray.experiments.focus.demo import run_demo
 
     if verbose:
         quiet.disable()
@@ -262,7 +268,7 @@ def report(run_dir: Annotated[str, typer.Option("--run", help="Run directory (e.
     """Write the run's static HTML report: comparison, detection quality, heatmaps, Δ distribution, losses."""
     from pathlib import Path
 
-    from leaf_ray.analysis.report import ReportError, write_run_report
+    from leaf_ray.experiments.focus.report import ReportError, write_run_report
 
     try:
         path = write_run_report(Path(run_dir), out=Path(out) if out else None)
@@ -398,7 +404,7 @@ def bench_focus(
                                         "run dir <run.name>-quick.")] = False,
 ) -> None:
     """Controlled confounder benchmark: detection P/R/F1 and KD vs LeaF (and its controls) accuracy."""
-    from leaf_ray.bench.focus import FocusBenchError, run_focus_bench
+    from leaf_ray.experiments.focus.run import FocusBenchError, run_focus_bench
 
     overrides = list(set_ or []) + ([f"bench.focus.seeds={seeds}"] if seeds is not None else []) + (
         ["bench.focus.quick=true"] if quick else [])

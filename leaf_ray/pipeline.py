@@ -61,8 +61,8 @@ def _nested_run(cfg: LeafConfig, parent_id: str | None, stage: str, info: dict[s
 
 
 def run_pipeline(cfg: LeafConfig, console: Console | None = None) -> ChainResult:
-    from leaf_ray.models import ensure_tiny_pair
     from leaf_ray.raycluster import init_ray
+    from leaf_ray.tiny_models import ensure_tiny_pair
     from leaf_ray.tracking import log_config, setup_mlflow
 
     console = console or Console()
@@ -89,7 +89,7 @@ def run_pipeline(cfg: LeafConfig, console: Console | None = None) -> ChainResult
     # 1. Optional teacher responses (keeps only answers that check out), then ingestion.
     if cfg.pipeline.generate_teacher_responses:
         def teacher_responses():
-            from leaf_ray.generate.pipeline import generate_teacher_responses
+            from leaf_ray.evaluate.teacher_responses import generate_teacher_responses
 
             return _as_dict(generate_teacher_responses(cfg))
 

@@ -32,7 +32,7 @@ def _terminal_back():
 @pytest.fixture(scope="session")
 def tiny_pair(tmp_path_factory):
     """{'teacher': dir, 'student': dir} saved with save_pretrained, sharing one tokenizer."""
-    from leaf_ray.models import make_tiny_pair
+    from leaf_ray.tiny_models import make_tiny_pair
 
     return make_tiny_pair(tmp_path_factory.mktemp("tiny-models"))
 

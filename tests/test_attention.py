@@ -7,8 +7,12 @@ import math
 import pytest
 import torch
 
-from leaf_ray.analysis.attention import (confounder_attention_mass, encode_for_attention, measure_attention,
-                                         uniform_attention_mass)
+from leaf_ray.analysis.attention import (
+    confounder_attention_mass,
+    encode_for_attention,
+    measure_attention,
+    uniform_attention_mass,
+)
 
 
 def test_mass_on_hand_built_tensor():

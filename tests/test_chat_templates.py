@@ -36,7 +36,8 @@ def llama3_tokenizer(tiny_tokenizer, tmp_path_factory):
     """The tiny byte-level BPE with Llama-3's control tokens and the Llama-3.x-style template, saved and
     loaded back like a real checkpoint's tokenizer."""
     from leaf_ray.config import ModelRef
-    from leaf_ray.models import load_tokenizer, train_tiny_tokenizer
+    from leaf_ray.models import load_tokenizer
+    from leaf_ray.tiny_models import train_tiny_tokenizer
 
     tok = train_tiny_tokenizer(1024)
     tok.add_tokens(LLAMA3_SPECIALS, special_tokens=True)

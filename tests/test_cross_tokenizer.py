@@ -8,7 +8,7 @@ import torch
 from leaf_ray.config import ThresholdConfig
 from leaf_ray.detect.confounders import score_span
 from leaf_ray.detect.cross_tokenizer import project_scores
-from leaf_ray.models import train_tiny_tokenizer
+from leaf_ray.tiny_models import train_tiny_tokenizer
 
 TEXT = "Café owner Zoë sells 数学 books: 3 for 5€. How many books for 15€? 😀"
 

@@ -241,7 +241,7 @@ def test_end_to_end_instruction_and_response_level(ray_local, cfg_factory, tiny_
 
 @pytest.mark.slow
 def test_teacher_with_another_tokenizer_is_projected_onto_student_tokens(ray_local, cfg_factory, tmp_path):
-    from leaf_ray.models import TINY_TEACHER, make_tiny_model, train_tiny_tokenizer
+    from leaf_ray.tiny_models import TINY_TEACHER, make_tiny_model, train_tiny_tokenizer
 
     rows = clean_rows(4)
     # Another corpus and a smaller vocabulary: the teacher splits every instruction differently.

@@ -9,10 +9,21 @@ from pathlib import Path
 
 import pytest
 
-from leaf_ray.analysis.detection_quality import (PRF, confusion, detection_quality, ground_truth_mask,
-                                                 random_baseline)
-from leaf_ray.bench.focus_task import (DISTRACTOR_TEMPLATES, clean_view, make_problem, make_split, make_task,
-                                       write_gsm8k_jsonl)
+from leaf_ray.analysis.detection_quality import (
+    PRF,
+    confusion,
+    detection_quality,
+    ground_truth_mask,
+    random_baseline,
+)
+from leaf_ray.experiments.focus.task import (
+    DISTRACTOR_TEMPLATES,
+    clean_view,
+    make_problem,
+    make_split,
+    make_task,
+    write_gsm8k_jsonl,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DISTRACTOR_RES = [re.compile("^" + re.escape(t).replace(r"\{other\}", "[A-Z][a-z]+").replace(r"\{n\}", r"\d+")
@@ -152,8 +163,8 @@ def test_detection_quality_over_scores_rows():
 
 
 def test_prepare_smoke_models_load_back_and_generate(tmp_path):
-    from leaf_ray.bench.focus_prepare import greedy_answers, prepare_models
     from leaf_ray.config import ModelRef, config_from_dict
+    from leaf_ray.experiments.focus.prepare import greedy_answers, prepare_models
     from leaf_ray.models import load_model, load_tokenizer
 
     tiny = {"hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 1,
@@ -181,7 +192,7 @@ def test_prepare_smoke_models_load_back_and_generate(tmp_path):
 def test_prepared_models_are_cached_for_the_machine_and_reused_by_another_run_directory(tmp_path, monkeypatch):
     """bench.focus.models_cache: what one run directory trained is put there whole under its key; another run
     directory with the same recipe copies it instead of training; another recipe trains (and is cached)."""
-    import leaf_ray.bench.focus_prepare as focus_prepare
+    from leaf_ray.experiments.focus import prepare as focus_prepare
     from leaf_ray.config import config_from_dict
 
     tiny = {"hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 1,
@@ -213,8 +224,8 @@ def test_prepared_models_are_cached_for_the_machine_and_reused_by_another_run_di
 def test_the_shipped_demo_models_are_the_demo_recipe_and_are_taken_whole(tmp_path):
     """`make demo` starts from the shipped prepared models: they must be the ones configs/demo.yaml asks for
     (else the demo would silently train others), and they are copied whole into the run directory."""
-    from leaf_ray.bench.focus_prepare import SHIPPED_DIR, prepare_key, prepare_models
     from leaf_ray.config import ModelRef, load_config
+    from leaf_ray.experiments.focus.prepare import SHIPPED_DIR, prepare_key, prepare_models
     from leaf_ray.models import load_model
 
     focus = load_config(REPO / "configs" / "demo.yaml").bench.focus
@@ -229,8 +240,8 @@ def test_the_shipped_demo_models_are_the_demo_recipe_and_are_taken_whole(tmp_pat
 
 
 def test_bench_config_points_the_stages_at_the_task(tmp_path):
-    from leaf_ray.bench.focus import TEST, TEST_CLEAN, bench_config, seed_config, write_task
     from leaf_ray.config import config_from_dict
+    from leaf_ray.experiments.focus.run import TEST, TEST_CLEAN, bench_config, seed_config, write_task
 
     cfg = config_from_dict({"run": {"name": "bf", "root_dir": str(tmp_path)}, "bench": {"focus": {
         "sizes": {"prepare": 10, "train": 6, "validation": 4, "test": 5}}}}, "test")

@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from leaf_ray.bench.flops import Shape, forward_flops, saliency_flops, training_flops
-from leaf_ray.bench.focus_controls import (
+from leaf_ray.detect.schema import COUNTERFACTUALS_SCHEMA
+from leaf_ray.experiments.focus.controls import (
     Variant,
     base_variants,
     best_variant,
@@ -27,8 +28,7 @@ from leaf_ray.bench.focus_controls import (
     random_span_counterfactuals,
     run_flops,
 )
-from leaf_ray.bench.focus_task import make_problem
-from leaf_ray.detect.schema import COUNTERFACTUALS_SCHEMA
+from leaf_ray.experiments.focus.task import make_problem
 
 
 def _problems(n: int = 60, seed: int = 4) -> list[dict]:
@@ -82,8 +82,8 @@ def test_oracle_removes_each_distractor_sentence_with_one_space():
 
 
 def test_control_counterfactuals_feed_the_unchanged_trainer_rows(tmp_path):
-    from leaf_ray.bench.focus import write_counterfactuals
     from leaf_ray.distill.data import load_rows
+    from leaf_ray.experiments.focus.run import write_counterfactuals
 
     rows = _problems(20)
     clean = tmp_path / "data" / "clean"
@@ -219,8 +219,8 @@ def test_variant_plan_sweeps_and_best():
 
 
 def test_quick_config_and_yaml(tmp_path):
-    from leaf_ray.bench.focus import quick_config, settings_of
     from leaf_ray.config import load_config
+    from leaf_ray.experiments.focus.run import quick_config, settings_of
 
     cfg = load_config("configs/bench-focus.yaml")
     f = cfg.bench.focus
@@ -234,16 +234,16 @@ def test_quick_config_and_yaml(tmp_path):
     assert settings_of(q) != settings_of(cfg)
     assert cfg.bench.focus.variants == f.variants  # the original is not changed
     # the defaults (what `leaf-ray demo` runs) leave the v2 controls off
-    from leaf_ray.bench.config import FocusBenchConfig
+    from leaf_ray.config import FocusBenchConfig
 
     d = FocusBenchConfig()
     assert not d.steps_matched_kd and d.compute_matched == [] and d.tau_sweep == [] and d.lambda_sweep == []
 
 
 def test_runs_tables_and_compare_titles():
-    from leaf_ray.bench.config import FocusBenchConfig
-    from leaf_ray.bench.focus_results import TEST, TEST_CLEAN, VariantRuns, diff_rows, method_rows
+    from leaf_ray.config import FocusBenchConfig
     from leaf_ray.evaluate.compare import RunScores, build_table
+    from leaf_ray.experiments.focus.results import TEST, TEST_CLEAN, VariantRuns, diff_rows, method_rows
 
     runs = VariantRuns(FocusBenchConfig(bootstrap_resamples=200), [])
     att = {"mass": 0.1, "uniform": 0.2}

@@ -145,7 +145,7 @@ def check_rows(cfg, model_ref, rows: list[dict]) -> list[tuple[str, object]]:
 def test_teacher_responses_keep_exactly_the_rows_whose_answer_matches(ray_local, cfg_factory, tiny_pair):
     from leaf_ray.evaluate.answers import extract_answer
     from leaf_ray.evaluate.judge import ANSWER_MISMATCH, NO_REFERENCE
-    from leaf_ray.generate.pipeline import generate_teacher_responses
+    from leaf_ray.evaluate.teacher_responses import generate_teacher_responses
 
     cfg = cfg_factory(generation={"backend": "transformers", "max_new_tokens": 24,
                                   "pool": {"batch_size": 4, "num_cpus": 0.5}})

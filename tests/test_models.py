@@ -16,9 +16,9 @@ from leaf_ray.models import (
     check_distill_compatible,
     load_model,
     load_tokenizer,
-    train_tiny_tokenizer,
     vocab_size_of,
 )
+from leaf_ray.tiny_models import train_tiny_tokenizer
 
 
 def test_tiny_pair_shapes_and_shared_tokenizer(tiny_pair):
@@ -144,7 +144,7 @@ def test_models_check_cli(tiny_pair, tmp_path):
 
 
 def test_make_tiny_writes_a_loadable_pair(tmp_path):
-    from leaf_ray.models import make_tiny_pair
+    from leaf_ray.tiny_models import make_tiny_pair
 
     paths = make_tiny_pair(tmp_path, arch="llama", vocab_size=512)
     model = load_model(ModelRef(path=paths["student"]))

@@ -115,8 +115,9 @@ def test_real_checkpoint_chain(ray_local, smollm2, tiny_pair, tmp_path, capsys):
     from leaf_ray.detect.pipeline import run_detection
     from leaf_ray.distill.driver import run_distillation
     from leaf_ray.generate.pipeline import generate_rows
-    from leaf_ray.models import TINY_STUDENT, load_tokenizer, make_tiny_model
+    from leaf_ray.models import load_tokenizer
     from leaf_ray.store import DetectPaths
+    from leaf_ray.tiny_models import TINY_STUDENT, make_tiny_model
 
     records = [{"id": p["id"], "instruction": p["instruction"], "output": p["output"], "answer": p["answer"]}
                for p in generate_problems(9, seed=3)]

@@ -1,4 +1,4 @@
-"""`leaf_ray.analysis.report`: report.html from a small fake focus run directory (stage markers, scores,
+"""`leaf_ray.experiments.focus.report`: report.html from a small fake focus run directory (stage markers, scores,
 heatmap, MLflow loss history), its sections and numbers; `leaf-ray report --run DIR`."""
 
 from __future__ import annotations
@@ -13,8 +13,14 @@ import pytest
 from typer.testing import CliRunner
 
 from leaf_ray.analysis.detection_quality import detection_quality
-from leaf_ray.analysis.report import ReportError, build_report, delta_values, truth_spans, write_run_report
 from leaf_ray.detect.schema import SCORES_SCHEMA
+from leaf_ray.experiments.focus.report import (
+    ReportError,
+    build_report,
+    delta_values,
+    truth_spans,
+    write_run_report,
+)
 
 
 def _scores_rows() -> tuple[list[dict], dict[str, list[list[int]]]]:

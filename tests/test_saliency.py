@@ -8,7 +8,8 @@ import torch
 from leaf_ray.config import ModelRef
 from leaf_ray.data.chat import render
 from leaf_ray.detect.saliency import position_ids_from_mask, token_saliency
-from leaf_ray.models import load_model, make_tiny_model
+from leaf_ray.models import load_model
+from leaf_ray.tiny_models import make_tiny_model
 
 SAMPLES = [
     ("Tom has 3 apples and buys 4 more. How many apples?", "3 + 4 = 7.\n\nThe answer is \\boxed{7}."),

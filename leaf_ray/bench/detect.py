@@ -110,7 +110,7 @@ class Measurement:
 
 def build_pairs(root: Path) -> dict[str, dict[str, str]]:
     """The tiny pair and the larger random pair (same tokenizer), saved once under `root` and reused."""
-    from leaf_ray.models import make_tiny_model, make_tiny_pair, train_tiny_tokenizer
+    from leaf_ray.tiny_models import make_tiny_model, make_tiny_pair, train_tiny_tokenizer
 
     pairs = {"tiny": {r: str(root / "tiny" / r) for r in ("teacher", "student")},
              "larger": {r: str(root / "larger" / r) for r in ("teacher", "student")}}

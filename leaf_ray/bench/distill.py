@@ -195,8 +195,9 @@ def run_distill_bench(cfg: LeafConfig, console, *, steps: int = 10, warmup: int 
 
     from rich.table import Table
 
-    from leaf_ray.models import ensure_tiny_pair, load_tokenizer
+    from leaf_ray.models import load_tokenizer
     from leaf_ray.raycluster import for_workers
+    from leaf_ray.tiny_models import ensure_tiny_pair
 
     cfg = for_workers(cfg)
     ensure_tiny_pair(cfg)

@@ -79,8 +79,9 @@ def run_ingest_bench(cfg, console, *, records: int = 100_000) -> dict:
 
     from leaf_ray.config import config_from_dict
     from leaf_ray.data.ingest import run_ingest
-    from leaf_ray.models import ensure_tiny_pair, load_tokenizer
+    from leaf_ray.models import load_tokenizer
     from leaf_ray.raycluster import init_ray, local_model_ref
+    from leaf_ray.tiny_models import ensure_tiny_pair
 
     root = (cfg.run.dir / "bench-ingest").expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)

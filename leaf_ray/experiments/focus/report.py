@@ -3,7 +3,7 @@
 Sections, each shown when its inputs exist:
 
 - **comparison**: the focus benchmark's method table (from its stage markers `_stages/evaluate-*.json`,
-  `_stages/seed-<k>-<variant>.json`, through `leaf_ray.bench.focus_results.method_rows`), else `comparison.md` of a
+  `_stages/seed-<k>-<variant>.json`, through `leaf_ray.experiments.focus.results.method_rows`), else `comparison.md` of a
   `leaf-ray run` chain;
 - **detection quality** against the ground-truth distractors next to random (`_stages/detection-quality.json`);
 - **sample heatmaps** (`detect/heatmaps/*.png`, written by `leaf_ray.analysis.heatmap`);
@@ -48,7 +48,7 @@ def _marker(root: Path, name: str) -> dict | None:
 
 def focus_result(root: Path):
     """The focus benchmark's result rebuilt from its stage markers (None when `root` is not such a run)."""
-    from leaf_ray.bench.focus_results import FocusBenchResult
+    from leaf_ray.experiments.focus.results import FocusBenchResult
 
     accuracy: dict[str, dict[str, list[float]]] = {}
     attention: dict[str, list[dict]] = {}
@@ -247,7 +247,7 @@ def _markdown_table_html(text: str) -> str:
 
 def build_report(root: Path, *, tracking_uri: str | None = None) -> str:
     """The report page of run directory `root`, as HTML text."""
-    from leaf_ray.bench.focus_results import (
+    from leaf_ray.experiments.focus.results import (
         DETECTION_HEAD,
         METHOD_HEAD,
         VARIANT_TITLES,

@@ -1,8 +1,8 @@
 """`leaf-ray bench focus`: does detection find real distractors, and does LeaF beat plain KD? Top to bottom:
 
-1. **Task** (``leaf_ray.bench.focus_task``): arithmetic word problems with inserted distractor sentences whose
+1. **Task** (``leaf_ray.experiments.focus.task``): arithmetic word problems with inserted distractor sentences whose
    character spans are known; splits prepare / train / validation / test written to ``<run dir>/task/``.
-2. **Models** (``--prepare``, ``leaf_ray.bench.focus_prepare``): a tiny teacher trained with distractors and a
+2. **Models** (``--prepare``, ``leaf_ray.experiments.focus.prepare``): a tiny teacher trained with distractors and a
    smaller student trained on clean problems, from scratch, cached in ``<run dir>/models/``.
 3. **Ingest + detection** on the ``train`` split with the real stages (``run_ingest``, ``run_detection``; the
    response level too when ``leaf_instr_resp`` is benchmarked).
@@ -19,7 +19,7 @@
 6. **Attention on confounders** (``leaf_ray.analysis.attention``): mean attention mass from response positions
    onto the test problems' distractor tokens, for every model above; logged as ``attention.confounder_mass``.
 7. Tables printed and written to ``<run dir>/report.md`` with the command that produced them
-   (:mod:`leaf_ray.bench.focus_results`).
+   (:mod:`leaf_ray.experiments.focus.results`).
 
 Per-seed distillations run in ``<run dir>/seed-<k>/`` whose ``data`` and ``detect`` are links to the shared
 ones; every stage leaves ``<run dir>/_stages/<stage>.json`` and is skipped on a rerun (resume). The run
@@ -36,7 +36,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from leaf_ray.bench.focus_controls import (
+from leaf_ray.config import BenchmarkRef, LeafConfig, ModelRef
+from leaf_ray.experiments.focus.controls import (
     Variant,
     base_variants,
     best_variant,
@@ -46,7 +47,7 @@ from leaf_ray.bench.focus_controls import (
     lambda_variants,
     run_flops,
 )
-from leaf_ray.bench.focus_results import (
+from leaf_ray.experiments.focus.results import (
     TEST,
     TEST_CLEAN,
     VARIANT_TITLES,
@@ -56,7 +57,6 @@ from leaf_ray.bench.focus_results import (
     print_tables,
     write_report,
 )
-from leaf_ray.config import BenchmarkRef, LeafConfig, ModelRef
 from leaf_ray.store import RunDir, parquet_files, write_json_atomic
 
 if TYPE_CHECKING:
@@ -86,7 +86,7 @@ def run_focus_bench(cfg: LeafConfig, *, prepare: bool = False, console: "Console
     task_files = write_task(cfg, root / "task")
 
     # 2. models
-    from leaf_ray.bench.focus_prepare import prepare_key, prepare_models
+    from leaf_ray.experiments.focus.prepare import prepare_key, prepare_models
 
     models_dir = root / "models"
     marker = models_dir / "prepare.json"
@@ -233,7 +233,7 @@ def check_settings(cfg: LeafConfig, root: Path) -> None:
 def write_task(cfg: LeafConfig, out: Path) -> dict[str, Path]:
     """All splits as JSONL (full rows, with distractor spans), the test split in GSM8K layout with and without
     its distractors, for the evaluation's local `gsm8k` benchmarks."""
-    from leaf_ray.bench.focus_task import clean_view, make_task, write_gsm8k_jsonl, write_jsonl
+    from leaf_ray.experiments.focus.task import clean_view, make_task, write_gsm8k_jsonl, write_jsonl
 
     focus = cfg.bench.focus
     task = make_task(focus.sizes.model_dump(), seed=focus.task_seed, max_number=focus.max_number)
@@ -244,7 +244,7 @@ def write_task(cfg: LeafConfig, out: Path) -> dict[str, Path]:
 
 
 def read_task_split(task_files: dict[str, Path], split: str) -> list[dict]:
-    from leaf_ray.bench.focus_task import read_jsonl
+    from leaf_ray.experiments.focus.task import read_jsonl
 
     return read_jsonl(task_files[split])
 
@@ -416,10 +416,10 @@ def write_counterfactuals(directory: Path, rows: list[dict]) -> int:
 def build_source(base: LeafConfig, root: Path, source: str, task_files: dict[str, Path], console) -> dict:
     """The counterfactuals of `source` in `<root>/sources/<source>/detect/counterfactuals` (data/ links to the
     shared ingest): detection at another τ quantile (instruction level) or the full recipe (selection +
-    verification, both levels), or the oracle / random-span controls (``focus_controls``)."""
+    verification, both levels), or the oracle / random-span controls (``controls``)."""
     import pyarrow.parquet as pq
 
-    from leaf_ray.bench.focus_controls import (
+    from leaf_ray.experiments.focus.controls import (
         oracle_counterfactuals,
         pruned_tokens,
         random_span_counterfactuals,
@@ -506,15 +506,15 @@ def distill_variant(base: LeafConfig, root: Path, k: int, variant: Variant, sour
 
 def variant_flops(base: LeafConfig, root: Path, variant: Variant, sources: dict[str, Path], *, steps: int,
                   per_epoch: int, detection: bool) -> dict:
-    """FLOPs of one variant's run (``focus_controls``): its train rows tokenised as the trainer does, a
+    """FLOPs of one variant's run (``controls``): its train rows tokenised as the trainer does, a
     student training pass + a teacher forward per row, times steps / per_epoch; + Stage 1 saliency of both
     models per scored unit when `detection` (each unit counted at its original's rendered length: an upper
     bound for response-level units; selection/verification generation not counted)."""
     from transformers import AutoConfig
 
     from leaf_ray.bench.flops import Shape
-    from leaf_ray.bench.focus_controls import detection_flops, distill_epoch_flops, run_flops
     from leaf_ray.distill.data import load_rows, tokenize_row
+    from leaf_ray.experiments.focus.controls import detection_flops, distill_epoch_flops, run_flops
     from leaf_ray.models import load_tokenizer
     from leaf_ray.store import read_parquet_dir
 

@@ -1,6 +1,6 @@
 """What ``leaf-ray bench focus`` measured, and how it is shown: the result of a run (:class:`FocusBenchResult`,
 collected by :class:`VariantRuns`), its tables (console, ``report.md``, ``report.html`` through
-:mod:`leaf_ray.analysis.report`) and its MLflow summary metrics. The recipe is :mod:`leaf_ray.bench.focus`."""
+:mod:`leaf_ray.experiments.focus.report`) and its MLflow summary metrics. The recipe is :mod:`leaf_ray.experiments.focus.run`."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from leaf_ray.bench.focus_controls import PairedDiff, Variant, paired_bootstrap_ci
 from leaf_ray.config import LeafConfig
+from leaf_ray.experiments.focus.controls import PairedDiff, Variant, paired_bootstrap_ci
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -266,7 +266,7 @@ Command: `{command}`
 Task: one-step add/sub word problems, numbers 1–{focus.max_number}, distractor sentences with irrelevant numbers
 (task seed {focus.task_seed}; {focus.sizes.prepare} prepare / {focus.sizes.train} train / {focus.sizes.test} test
 problems; test problems carry 1–2 distractors). Prepared models (`--prepare`, recipe in
-`leaf_ray/bench/focus_prepare.py`, {prepared['recipe']['steps']} steps each):
+`leaf_ray/experiments/focus/prepare.py`, {prepared['recipe']['steps']} steps each):
 
 {model_line("teacher (trained with distractors)", teacher)}
 {model_line("student (trained on clean problems)", student)}
@@ -290,7 +290,7 @@ from the response positions onto the distractor tokens of {focus.attention_sampl
 the mass if attention were spread evenly). Steps = optimizer steps. KD controls ("KD w/o mask, N steps") are KD
 run for N steps: steps-matched to a LeaF variant, or compute-matched (TFLOPs: student training + the
 teacher's forward on every row, counterfactuals included{", + Stage 1 saliency of both models" if
-focus.count_detection_flops else ""}; `leaf_ray/bench/focus_controls.py`).
+focus.count_detection_flops else ""}; `leaf_ray/experiments/focus/controls.py`).
 
 {method}
 

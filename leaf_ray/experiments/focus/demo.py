@@ -1,11 +1,11 @@
 """`make demo` (= `leaf-ray demo`): LeaF on the controlled focus task, one seed, with a run report.
 
-The chain is `leaf_ray.bench.focus.run_focus_bench` on `configs/demo.yaml`: the task's problems carry distractor
+The chain is `leaf_ray.experiments.focus.run.run_focus_bench` on `configs/demo.yaml`: the task's problems carry distractor
 sentences whose character spans are known; a tiny teacher trained with distractors and a tiny student trained
 without them are prepared on first use (cached in `<run dir>/models/`); then the real stages run on a local Ray
 instance — ingest, detection (Stage 1), KD w/o mask and LeaF distillation (Stage 2, Ray Train + DeepSpeed),
 evaluation — all tracked in MLflow. It prints the detection quality against the ground truth (next to a random
-selection at the same rate) and the paper-shaped method table, writes `report.html` (`leaf_ray.analysis.report`)
+selection at the same rate) and the paper-shaped method table, writes `report.html` (`leaf_ray.experiments.focus.report`)
 and logs it to MLflow. A rerun reuses the prepared models and skips every finished stage.
 
 The random-model chain of the tests is `leaf-ray run --config configs/smoke.yaml`.
@@ -22,8 +22,8 @@ from leaf_ray.config import LeafConfig
 
 def run_demo(cfg: LeafConfig, console: Console) -> int:
     from leaf_ray import console as quiet
-    from leaf_ray.analysis.report import log_report, write_run_report
-    from leaf_ray.bench.focus import FocusBenchError, run_focus_bench
+    from leaf_ray.experiments.focus.report import log_report, write_run_report
+    from leaf_ray.experiments.focus.run import FocusBenchError, run_focus_bench
     from leaf_ray.tracking import tracking_uri
 
     root = cfg.run.dir.expanduser().resolve()

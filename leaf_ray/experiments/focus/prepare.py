@@ -30,7 +30,7 @@ On 2 idle cores: 154 s for the teacher, 74 s for the student.
 
 The result is cached in ``<out_dir>/prepare.json`` keyed by the recipe and task settings: a rerun with the same
 settings returns the saved models without training. The models of ``configs/demo.yaml``'s recipe ship in
-``leaf_ray/assets/focus_demo/`` (5.5 MB; made by this function, 2 torch threads: teacher 66.5% / 99.5%,
+``leaf_ray/experiments/focus/demo_models/`` (5.5 MB; made by this function, 2 torch threads: teacher 66.5% / 99.5%,
 student 23.0% / 100% on 200 validation problems): ``make demo`` copies them instead of training, so its numbers
 are the same on every machine.
 """
@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Callable
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from leaf_ray.bench.config import FocusBenchConfig
+    from leaf_ray.config import FocusBenchConfig
 
 
 @dataclass
@@ -83,7 +83,7 @@ def prepare_key(focus: "FocusBenchConfig") -> str:
 
 # Models this recipe produced for configs/demo.yaml (key in its prepare.json), shipped so that `make demo` on a
 # fresh clone does not spend ~15-30 min of 2 CPUs training them; any other recipe is trained on first use.
-SHIPPED_DIR = Path(__file__).resolve().parent.parent / "assets" / "focus_demo"
+SHIPPED_DIR = Path(__file__).resolve().parent / "demo_models"
 
 
 def prepare_models(focus: "FocusBenchConfig", out_dir: str | Path, *, console: "Console | None" = None,
@@ -95,9 +95,10 @@ def prepare_models(focus: "FocusBenchConfig", out_dir: str | Path, *, console: "
     too, so another run directory (`--quick`, another run.name) does not train them again."""
     import torch
 
-    from leaf_ray.bench.focus_task import clean_view, make_task
     from leaf_ray.config import ModelRef
-    from leaf_ray.models import load_tokenizer, make_tiny_model, train_tiny_tokenizer
+    from leaf_ray.experiments.focus.task import clean_view, make_task
+    from leaf_ray.models import load_tokenizer
+    from leaf_ray.tiny_models import make_tiny_model, train_tiny_tokenizer
 
     out = Path(out_dir)
     marker = out / "prepare.json"

@@ -1,5 +1,5 @@
 """The pure pieces of focus benchmark v2 (issue 12): control counterfactuals, the paired bootstrap, FLOP
-accounting, and the plan of variants. No Ray, no MLflow, no training: ``leaf_ray/bench/focus.py`` calls these.
+accounting, and the plan of variants. No Ray, no MLflow, no training: ``leaf_ray/experiments/focus/run.py`` calls these.
 
 **Oracle counterfactuals** (:func:`oracle_counterfactuals`): one counterfactual per ground-truth distractor
 sentence, the instruction with exactly that sentence and the one space separating it from its neighbour removed
