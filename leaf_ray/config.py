@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from leaf_ray.registry import (
+    BENCHMARK_FORMATS,
+    GENERATION_BACKENDS,
+    TEACHER_SIGNALS,
+    THRESHOLD_RULES,
+    import_plugins,
+)
 
 
 class _Section(BaseModel):
@@ -173,7 +181,7 @@ class TeacherPoolConfig(PoolConfig):
 
     mode: Literal["device_map", "sharded"] = Field(
         "device_map", description="`device_map` (one process, layers over its GPUs) or `sharded` (a gang of "
-        "`world_size` processes, FSDP2-sharded, all computing at once). README: \"Large teachers\".")
+        "`world_size` processes, FSDP2-sharded, all computing at once). docs/large-teachers.md.")
     world_size: int = Field(2, ge=1, description="Ranks of a `sharded` gang (one per GPU when num_gpus > 0).")
     max_gang_restarts: int = Field(
         1, ge=0, description="`sharded`: a gang that loses a rank is rebuilt and its batch scored again, at "
@@ -204,9 +212,10 @@ class TeacherPoolConfig(PoolConfig):
 
 
 class ThresholdConfig(_Section):
-    """Which Δ counts as a confounder (DESIGN §1 Stage 1a)."""
+    """Which Δ counts as a confounder (docs/design.md §1.1)."""
 
-    rule: Literal["quantile", "absolute"] = Field("quantile", description="Registry name of the rule.")
+    rule: THRESHOLD_RULES.name() = Field(
+        "quantile", description="A registered threshold rule (leaf_ray/detect/confounders.py; docs/extending.md).")
     quantile: float = Field(0.10, ge=0.0, le=1.0, description="q: 0.10 math, 0.05 code (reference).")
     cap: float = Field(0.5, ge=0.0, le=1.0, description="τ = min(quantile_q(Δ), cap).")
     interpolation: Literal["order_statistic", "linear"] = Field(
@@ -304,7 +313,8 @@ class DistillConfig(_Section):
         "generalised JSD with `jsd_beta`.")
     jsd_beta: float = Field(0.5, gt=0.0, lt=1.0, description="β of the generalised JSD.")
     sampling: OnPolicySamplingConfig = Field(default_factory=OnPolicySamplingConfig)
-    teacher_mode: Literal["replicated", "zero3", "topk_cache"] = "replicated"
+    teacher_mode: TEACHER_SIGNALS.name() = Field(
+        "replicated", description="A registered teacher signal (leaf_ray/distill/engines.py).")
     topk: int = Field(64, ge=1, description="k of the offline teacher top-k cache.")
     topk_cache_dir: str | None = Field(
         None, description="Parquet dir of the teacher top-k cache; null = `<run dir>/distill/topk_cache`."
@@ -371,10 +381,12 @@ class DistillConfig(_Section):
 class GenerationConfig(_Section):
     """Text generation (teacher responses, Stage 1 selection/verification, evaluation)."""
 
-    backend: Literal["auto", "vllm", "sglang", "transformers"] = Field(
+    # `sglang` is a `ray.data.llm` engine only (leaf_ray/generate/ray_data_llm.py), not an in-process backend.
+    backend: GENERATION_BACKENDS.name(also=("auto", "sglang")) = Field(
         "auto", description="`vllm` / `sglang`: a `ray.data.llm` processor (engine replicas, tensor/pipeline "
         "parallelism, docs/generation.md); `transformers`: `model.generate` in an actor pool (the CPU backend); "
-        "`auto` = vllm (engine in the actor) if importable and a GPU is visible to the actor, else transformers."
+        "`auto` = vllm (engine in the actor) if importable and a GPU is visible to the actor, else transformers. "
+        "In-process backends are registered (leaf_ray/generate/backends.py, docs/extending.md)."
     )
     max_new_tokens: int = Field(256, ge=1)
     temperature: float = Field(0.0, ge=0.0, description="0 = greedy.")
@@ -428,10 +440,9 @@ class BenchmarkRef(_Section):
 
     name: str
     kind: Literal["math", "code"] = Field(
-        "math", description="Scoring kind; when omitted it follows `format` (humaneval/leetcode/livecodebench = code)."
-    )
-    format: Literal["gsm8k", "math", "olympiadbench", "gsm_symbolic", "champ", "humaneval", "leetcode",
-                    "livecodebench"] = "gsm_symbolic"
+        "math", description="Scoring kind; when omitted it follows `format` (the format's registered kind).")
+    format: BENCHMARK_FORMATS.name() = Field(
+        "gsm_symbolic", description="A registered benchmark format (leaf_ray/evaluate/benchmarks.py).")
     path: str | None = Field(None, description="Local JSON/JSONL/Parquet file; null for offline built-ins.")
     limit: int | None = Field(None, ge=1, description="First N records (built-ins: N generated; null = default).")
     fields: dict[str, str] = Field(
@@ -444,18 +455,15 @@ class BenchmarkRef(_Section):
     @model_validator(mode="before")
     @classmethod
     def _kind_from_format(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "kind" not in data and data.get("format") in CODE_FORMATS:
-            data = {**data, "kind": "code"}
+        if isinstance(data, dict) and "kind" not in data and data.get("format") in BENCHMARK_FORMATS.names():
+            data = {**data, "kind": BENCHMARK_FORMATS.get(data["format"]).kind}
         return data
 
     @model_validator(mode="after")
     def _kind_matches_format(self) -> "BenchmarkRef":
-        if (self.format in CODE_FORMATS) != (self.kind == "code"):
+        if BENCHMARK_FORMATS.get(self.format).kind != self.kind:
             raise ValueError(f"benchmark {self.name!r}: kind {self.kind!r} does not fit format {self.format!r}")
         return self
-
-
-CODE_FORMATS = ("humaneval", "leetcode", "livecodebench")
 
 
 class SandboxConfig(_Section):
@@ -614,6 +622,10 @@ class BenchConfig(_Section):
 
 
 class LeafConfig(_Section):
+    plugins: list[str] = Field(
+        default_factory=list, description="Modules imported before the rest of the config is validated and in "
+        "every local Ray worker: where your own registered threshold rules, teacher signals, generation backends "
+        "or benchmark formats live (docs/extending.md).")
     run: RunConfig = Field(default_factory=RunConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -625,6 +637,17 @@ class LeafConfig(_Section):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     bench: BenchConfig = Field(default_factory=BenchConfig)
+
+    @field_validator("plugins")
+    @classmethod
+    def _import_plugins(cls, names: list[str]) -> list[str]:
+        # `plugins` is the first field, so it is imported before a registered name in this config is checked.
+        for name in names:
+            try:
+                import_plugins([name])
+            except ImportError as e:
+                raise ValueError(f"cannot import {name!r} ({type(e).__name__}: {e})") from None
+        return names
 
     def dump(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)

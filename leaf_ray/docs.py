@@ -1,4 +1,5 @@
-"""The README's config reference, generated from the pydantic models (a test checks the README)."""
+"""The configuration reference (docs/configuration.md), generated from the pydantic models by
+`leaf-ray config reference` (a test checks that the committed page is what it prints)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from leaf_ray.config import LeafConfig
+from leaf_ray.registry import RegisteredName
 
 BEGIN = "<!-- config-reference:begin -->"
 END = "<!-- config-reference:end -->"
@@ -44,7 +46,7 @@ def json_repr(value: Any) -> str:
 
 
 def iter_fields(model: type[BaseModel] = LeafConfig, prefix: str = ""):
-    """Yield (dotted key, type name, default, description) for the config reference in the README."""
+    """Yield (dotted key, type name, default, description) for the configuration reference."""
     for name, field in model.model_fields.items():
         key = f"{prefix}{field.alias or name}"
         ann = field.annotation
@@ -52,6 +54,11 @@ def iter_fields(model: type[BaseModel] = LeafConfig, prefix: str = ""):
             yield from iter_fields(ann, key + ".")
             continue
         default = None if field.is_required() else field.get_default(call_default_factory=True)
+        registered = next((m for m in field.metadata if isinstance(m, RegisteredName)), None)
+        if registered is not None:  # the built-in names; a module can register more (docs/extending.md)
+            choices = " &#124; ".join(json_repr(c) for c in registered.builtins())
+            yield key, f"{choices} &#124; a registered {registered.registry.what}", default, field.description or ""
+            continue
         if field.is_required():
             yield key, _type_name(ann) + " (required)", default, field.description or ""
             continue

@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # heavy imports stay lazy so the CLI starts fast
 
     from leaf_ray.config import ModelRef
 
-# Nothing is ever downloaded at run time (DESIGN §2).
+# Nothing is ever downloaded at run time (docs/design.md §3).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

@@ -7,6 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from leaf_ray.config import LeafConfig, ModelRef
+from leaf_ray.registry import PLUGINS_ENV
 
 # No DS_ACCELERATOR here: every process that builds a DeepSpeed engine chooses it from its own device
 # (leaf_ray.distributed.deepspeed_accelerator); a fixed "cpu" made GPU workers build CPU engines.
@@ -30,9 +31,12 @@ def init_ray(cfg: LeafConfig):
     route = quiet.enabled() and quiet.can_route_worker_logs()
     kwargs = {"address": address, "namespace": cfg.ray.namespace, "log_to_driver": route or not quiet.enabled()}
     env_vars = {**quiet.worker_env_vars(), **{k: os.environ.get(k, v) for k, v in RUNTIME_ENV_VARS.items()}}
+    runtime_env: dict = {"env_vars": env_vars}
+    if cfg.plugins:  # your registered implementations, imported in every worker too (docs/extending.md)
+        env_vars[PLUGINS_ENV] = ",".join(cfg.plugins)
+        runtime_env["worker_process_setup_hook"] = "leaf_ray.registry.import_plugins"
     if address == "local":
-        kwargs.update(num_cpus=cfg.ray.num_cpus, include_dashboard=False,
-                      runtime_env={"env_vars": env_vars})
+        kwargs.update(num_cpus=cfg.ray.num_cpus, include_dashboard=False, runtime_env=runtime_env)
     if quiet.enabled():
         quiet.quiet_libraries()
         kwargs.update(configure_logging=False)  # keep the "ray" logger on the run log

@@ -22,10 +22,10 @@ CHAT_TEMPLATE = (
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 
-TINY_TEACHER = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                    num_key_value_heads=2)
-TINY_STUDENT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-                    num_key_value_heads=1)
+TINY_TEACHER = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4,
+                "num_attention_heads": 4, "num_key_value_heads": 2}
+TINY_STUDENT = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+                "num_attention_heads": 2, "num_key_value_heads": 1}
 
 
 def _tokenizer_corpus(extra_texts: list[str] | None = None) -> list[str]:
@@ -67,9 +67,9 @@ def make_tiny_model(tokenizer, arch: str = "qwen2", seed: int = 0, **sizes) -> P
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    common = dict(vocab_size=len(tokenizer), max_position_embeddings=4096, head_dim=64,
-                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                  bos_token_id=None, tie_word_embeddings=False, dtype="float32")
+    common = {"vocab_size": len(tokenizer), "max_position_embeddings": 4096, "head_dim": 64,
+              "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
+              "bos_token_id": None, "tie_word_embeddings": False, "dtype": "float32"}
     common.update(sizes)
     assert common["hidden_size"] // common["num_attention_heads"] == 64, "vLLM on CPU needs head_dim 64"
     if arch == "qwen2":

@@ -83,13 +83,21 @@ def cfg_factory(tmp_path, tiny_pair):
 
 @pytest.fixture
 def no_ray(monkeypatch):
-    """A test of a small job's in-process path: starting Ray (``raycluster.init_ray``) fails it."""
+    """A test of a small job's in-process path: starting Ray (``raycluster.init_ray``, ``ray.init``) or making a
+    Ray Dataset (every ``ray.data.read_*`` / ``from_*``) fails it, even where a session's Ray is running."""
+    import ray
+    import ray.data
+
     import leaf_ray.raycluster
 
     def refuse(*args, **kwargs):
         raise AssertionError("this small job must not start or use Ray")
 
     monkeypatch.setattr(leaf_ray.raycluster, "init_ray", refuse)
+    monkeypatch.setattr(ray, "init", refuse)
+    for name in dir(ray.data):
+        if name.startswith(("read_", "from_")) and callable(getattr(ray.data, name)):
+            monkeypatch.setattr(ray.data, name, refuse)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Every config in configs/ loads and validates; the paper configs carry the paper's settings (DESIGN.md §1).
+"""Every config in configs/ loads and validates; the paper configs carry the paper's settings (docs/design.md §1).
 
 How their Ray requests map onto the KubeRay worker groups is checked in test_kuberay.py.
 """

@@ -1,15 +1,17 @@
-"""Δ, thresholds and spans on hand-made vectors (expected values worked out by hand in the comments)."""
+"""Δ, thresholds and spans on hand-made vectors (expected values worked out by hand in the comments); a
+threshold rule registered here, chosen from YAML, runs through detection."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
-from leaf_ray.config import ThresholdConfig
-from leaf_ray.detect.confounders import THRESHOLDS, minmax, register_threshold, runs, score_span
+from leaf_ray.config import ConfigError, ThresholdConfig, load_config
+from leaf_ray.detect.confounders import minmax, runs, score_span
+from leaf_ray.registry import THRESHOLD_RULES
 
 # student g = [1, 3, 5, 2, 9]  -> min 1, max 9  -> ĝS = [0, 0.25, 0.5, 0.125, 1]
 # teacher g = [4, 2, 6, 10, 2] -> min 2, max 10 -> ĝT = [0.25, 0, 0.5, 1, 0]
@@ -122,27 +124,84 @@ def test_bad_inputs_are_rejected():
         score_span(STUDENT, TEACHER[:4], TEXTS, ThresholdConfig())
     with pytest.raises(ValueError, match="no tokens"):
         score_span([], [], [], ThresholdConfig())
-    with pytest.raises(ValueError, match="unknown threshold rule 'nope'"):
-        score_span(STUDENT, TEACHER, TEXTS, SimpleNamespace(rule="nope"))
+    bad = ThresholdConfig.model_construct(rule="nope")  # what validation would refuse (test below)
+    with pytest.raises(ValueError, match="unknown threshold rule 'nope'; registered: .*absolute.*quantile"):
+        score_span(STUDENT, TEACHER, TEXTS, bad)
     with pytest.raises(ValueError, match="non-finite"):
         score_span([1.0, float("inf")], [1.0, 2.0], ["a", "b"], ThresholdConfig())
 
 
-def test_registry_decorator():
-    assert {"quantile", "absolute"} <= set(THRESHOLDS)
+@THRESHOLD_RULES.register("test_median")
+def median_threshold(delta: torch.Tensor, cfg) -> float:
+    """A rule defined here, as docs/extending.md shows: τ = the median of Δ."""
+    return float(delta.median())
 
-    @register_threshold("test_median")
-    def median(delta, cfg):
-        return float(delta.median())
 
-    try:
-        # Δ median = 8/15 -> tokens 1, 2, 4
-        out = score_span(STUDENT, TEACHER, TEXTS, SimpleNamespace(rule="test_median"))
-        assert out.spans == [(1, 3), (4, 5)]
-        with pytest.raises(ValueError, match="already registered"):
-            register_threshold("test_median")(median)
-    finally:
-        THRESHOLDS.pop("test_median")
+def test_a_registered_rule_is_chosen_by_name_and_a_duplicate_is_refused():
+    assert {"quantile", "absolute", "test_median"} <= set(THRESHOLD_RULES.names())
+    assert THRESHOLD_RULES.builtins() == ["absolute", "quantile"]  # what the configuration reference lists
+    out = score_span(STUDENT, TEACHER, TEXTS, ThresholdConfig(rule="test_median"))
+    assert out.threshold == pytest.approx(8 / 15) and out.spans == [(1, 3), (4, 5)]  # Δ ≤ 8/15: tokens 1, 2, 4
+    with pytest.raises(ValueError, match="already registered"):
+        THRESHOLD_RULES.register("test_median")(lambda delta, cfg: 0.0)
+    with pytest.raises(ValueError, match="(?s)rule.*unknown threshold rule 'nope'; registered: absolute, quantile, "
+                                         "test_median"):
+        ThresholdConfig(rule="nope")
+
+
+def test_a_rule_defined_in_this_module_is_chosen_from_yaml_and_runs_through_detection(tmp_path, tiny_pair,
+                                                                                      no_ray):
+    """`detection.threshold.rule: test_median` in a YAML file: the config accepts it, and `leaf-ray detect`'s
+    stage (in process for these few samples) records τ = median(Δ) for every scored unit."""
+    from leaf_ray.detect.pipeline import run_detection
+    from leaf_ray.store import DetectPaths
+
+    config = tmp_path / "median.yaml"
+    config.write_text(f"run: {{name: median, root_dir: {tmp_path / 'runs'}}}\n"
+                      f"models: {{teacher: {{path: {tiny_pair['teacher']}}}, student: {{path: {tiny_pair['student']}}}, "
+                      "make_tiny_if_missing: false}\n"
+                      "detection: {threshold: {rule: test_median}, inline_max_samples: 8}\n")
+    cfg = load_config(config)
+    assert cfg.detection.threshold.rule == "test_median"
+    rows = [{"sample_id": f"s{i}", "instruction": f"Tom has {i + 3} apples and {i} pens. How many apples?",
+             "output": f"He has {i + 3} apples. \\boxed{{{i + 3}}}", "answer": str(i + 3), "split": "train",
+             "source": "test", "row": i} for i in range(3)]
+    (cfg.run.dir / "data" / "clean").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows), cfg.run.dir / "data" / "clean" / "part-0.parquet")
+    report = run_detection(cfg)
+    assert report.scores == 3
+    scores = pq.read_table(DetectPaths.of(cfg).scores).to_pylist()
+    assert sorted(s["sample_id"] for s in scores) == ["s0", "s1", "s2"]
+    for s in scores:
+        assert s["threshold"] == pytest.approx(float(torch.tensor(s["delta"], dtype=torch.float64).median()),
+                                               abs=1e-6)
+    config.write_text(config.read_text().replace("test_median", "test_mean"))
+    with pytest.raises(ConfigError, match="detection.threshold.rule.*unknown threshold rule 'test_mean'"):
+        load_config(config)
+
+
+def test_a_plugin_module_named_in_the_config_registers_its_rule_before_the_rule_is_checked(tmp_path,
+                                                                                           monkeypatch):
+    """`plugins: [module]` is imported at config load (the rule it registers is then a valid name) and, through
+    $LEAF_RAY_PLUGINS, by `import_plugins`, the setup hook `init_ray` gives every local Ray worker."""
+    from leaf_ray.registry import PLUGINS_ENV, import_plugins
+
+    for name, rule in (("leaf_ray_test_rules_a", "test_cap_only"), ("leaf_ray_test_rules_b", "test_zero")):
+        (tmp_path / f"{name}.py").write_text(
+            "from leaf_ray.registry import THRESHOLD_RULES\n\n\n"
+            f"@THRESHOLD_RULES.register({rule!r})\ndef rule(delta, cfg):\n    return float(cfg.cap)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = tmp_path / "plugin.yaml"
+    config.write_text("plugins: [leaf_ray_test_rules_a]\ndetection: {threshold: {rule: test_cap_only, cap: 0.3}}\n")
+    cfg = load_config(config)
+    assert cfg.plugins == ["leaf_ray_test_rules_a"]
+    assert score_span(STUDENT, TEACHER, TEXTS, cfg.detection.threshold).threshold == pytest.approx(0.3)
+    with pytest.raises(ConfigError, match="plugins: Value error, cannot import 'no_such_plugin'"):
+        load_config(config, ["plugins=[no_such_plugin]"])
+    assert "test_zero" not in THRESHOLD_RULES.names()
+    monkeypatch.setenv(PLUGINS_ENV, "leaf_ray_test_rules_b")
+    import_plugins()  # what a Ray worker runs first
+    assert "test_zero" in THRESHOLD_RULES.names()
 
 
 def test_runs():

@@ -327,11 +327,9 @@ def test_killed_run_resumes_without_losing_or_duplicating_a_unit(ray_local, cfg_
         {s["sample_id"]: len(s["spans"]) for s in scores if s["spans"]})
 
 
-def test_a_small_job_runs_inline_and_writes_what_the_stream_writes(ray_local, cfg_factory, monkeypatch):
-    """detection.inline_max_samples: the same units, scores, counterfactuals and quarantine as the Ray Data
-    stream, committed as parts (resumable), without starting an actor; a bigger job takes the stream."""
-    import ray
-
+@pytest.fixture
+def stream_and_inline(ray_local, cfg_factory):
+    """(stream config, inline config) over the same rows, the stream's detection already run on Ray Data."""
     rows = clean_rows(10)
     sections = {**POOLS, "response": {"enabled": True}, "units_per_part": 4}
     stream_cfg = cfg_factory(run={"name": "stream"}, detection=sections)
@@ -339,13 +337,15 @@ def test_a_small_job_runs_inline_and_writes_what_the_stream_writes(ray_local, cf
     for cfg in (stream_cfg, inline_cfg):
         write_clean(cfg, rows)
     run_detection(stream_cfg)
+    return stream_cfg, inline_cfg
 
-    def no_ray(*_a, **_k):
-        raise AssertionError("the inline path must not start Ray work")
 
-    monkeypatch.setattr(ray.data, "read_parquet", no_ray)
+def test_a_small_job_runs_inline_and_writes_what_the_stream_writes(stream_and_inline, no_ray):
+    """detection.inline_max_samples: the same units, scores, counterfactuals and quarantine as the Ray Data
+    stream, committed as parts (resumable), without starting Ray or making a Ray Dataset (`no_ray`, set up
+    after the stream ran); a bigger job takes the stream."""
+    stream_cfg, inline_cfg = stream_and_inline
     report = run_detection(inline_cfg)
-    monkeypatch.undo()
     assert report.units_this_run == report.scores + report.quarantined
     key = lambda r: (r["sample_id"], r["scope"], r.get("span_index", 0))  # noqa: E731
     for name in ("scores", "counterfactuals", "quarantine"):

@@ -2,7 +2,7 @@
 distillation driver, of a saliency actor and of a generation actor; a real `mlflow server` stopped mid-run or
 missing at start; a full and a read-only run directory; a second writer on the same run directory.
 
-Each fault test checks the guarantee the README's fault table states: the final student equals an
+Each fault test checks the guarantee docs/faults.md states: the final student equals an
 uninterrupted run (the tolerance of tests/test_trainer.py's crash test), every detection unit is committed
 exactly once, tracking failures never stop training, and errors name the path or server. Processes are
 found among this test process's descendants (the session's Ray) or by their own temp dir, never by name

@@ -465,15 +465,9 @@ def test_byte_range_reads_give_the_same_outputs(ingested, tmp_path):
         assert ranged_manifest[key] == manifest[key], key
 
 
-def test_small_input_is_ingested_in_process_with_the_same_outputs(ingested, tmp_path, monkeypatch):
+def test_small_input_is_ingested_in_process_with_the_same_outputs(ingested, tmp_path, no_ray):
     """An input under data.inline_max_bytes runs the same read, check, dedup and writes in this process, with
     no Ray at all: the same clean rows in order, quarantine records and counts as the Ray Data run."""
-    import leaf_ray.raycluster
-
-    def no_ray(*args, **kwargs):
-        raise AssertionError("a small ingest must not start or use Ray")
-
-    monkeypatch.setattr(leaf_ray.raycluster, "init_ray", no_ray)
     cfg, report, clean, quarantine = ingested
     tree = cfg.dump()
     tree["run"] = {**tree["run"], "root_dir": str(tmp_path / "runs")}

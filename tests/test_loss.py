@@ -1,4 +1,4 @@
-"""The hybrid KL (DESIGN §1 Stage 2) against a direct loop implementation of the formula."""
+"""The hybrid KL (docs/design.md §1.5) against a direct loop implementation of the formula."""
 
 from __future__ import annotations
 

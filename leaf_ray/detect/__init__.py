@@ -1,4 +1,4 @@
-"""Stage 1 of LeaF: gradient-based confounder detection and span-pruned counterfactuals (DESIGN §1).
+"""Stage 1 of LeaF: gradient-based confounder detection and span-pruned counterfactuals (docs/design.md §1).
 
 The method is pure torch / Python, one small module per step, each unit-tested without Ray:
 

@@ -1,4 +1,4 @@
-"""Confounder tokens from teacher/student saliency (DESIGN §1 Stage 1a).
+"""Confounder tokens from teacher/student saliency (docs/design.md §1.1).
 
 Over the n tokens of the scored span (instruction content, or the response prefix)::
 
@@ -18,23 +18,14 @@ from dataclasses import dataclass
 
 import torch
 
+from leaf_ray.registry import THRESHOLD_RULES
+
+# A threshold rule is ``fn(delta, threshold_cfg) -> τ``, registered as ``detection.threshold.rule: <name>``
+# (docs/extending.md).
 ThresholdRule = Callable[[torch.Tensor, object], float]
-THRESHOLDS: dict[str, ThresholdRule] = {}
 
 
-def register_threshold(name: str):
-    """Decorator: make ``fn(delta, threshold_cfg) -> τ`` available as ``detection.threshold.rule: name``."""
-
-    def add(fn: ThresholdRule) -> ThresholdRule:
-        if name in THRESHOLDS:
-            raise ValueError(f"threshold rule {name!r} is already registered")
-        THRESHOLDS[name] = fn
-        return fn
-
-    return add
-
-
-@register_threshold("quantile")
+@THRESHOLD_RULES.register("quantile")
 def quantile_threshold(delta: torch.Tensor, cfg) -> float:
     """τ = min(quantile_q(Δ), cap), q = ``cfg.quantile``, cap = ``cfg.cap``, over the n values of Δ.
 
@@ -57,7 +48,7 @@ def quantile_threshold(delta: torch.Tensor, cfg) -> float:
     return min(tau_q, float(cfg.cap))
 
 
-@register_threshold("absolute")
+@THRESHOLD_RULES.register("absolute")
 def absolute_threshold(delta: torch.Tensor, cfg) -> float:
     """τ = ``cfg.tau``, the same for every sample."""
     return float(cfg.tau)
@@ -135,12 +126,11 @@ def score_span(student_grad_norm, teacher_grad_norm, token_texts: Sequence[str],
                          f"{n} token texts; all three must cover the same scored tokens")
     if n == 0:
         raise ValueError("score_span: the scored span has no tokens")
-    if threshold_cfg.rule not in THRESHOLDS:
-        raise ValueError(f"unknown threshold rule {threshold_cfg.rule!r}; registered: {sorted(THRESHOLDS)}")
+    rule = THRESHOLD_RULES.get(threshold_cfg.rule)
     student_normalized, teacher_normalized = minmax(student), minmax(teacher)
     raw_delta = teacher_normalized - student_normalized
     delta = minmax(raw_delta)
-    threshold = float(THRESHOLDS[threshold_cfg.rule](delta, threshold_cfg))
+    threshold = float(rule(delta, threshold_cfg))
     degenerate = bool(raw_delta.max() == raw_delta.min())
     visible = torch.tensor([not is_whitespace_only(t) for t in token_texts], dtype=torch.bool)
     confounder_mask = (delta <= threshold) & visible & (not degenerate)

@@ -1,4 +1,4 @@
-"""Teacher scores on student tokens when the two tokenizers differ (DESIGN §1: "scored on the same characters").
+"""Teacher scores on student tokens when the two tokenizers differ (docs/design.md §1.1: "scored on the same characters").
 
 Both tokenizations cover the same text; tokens are character ranges ``[start, end)``. Destination token j
 (a student token) gets the overlap-weighted mean of the source (teacher) scores::

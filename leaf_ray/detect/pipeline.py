@@ -1,4 +1,4 @@
-"""Stage 1 on Ray Data: gradient-based confounder detection and span-pruned counterfactuals (DESIGN §1).
+"""Stage 1 on Ray Data: gradient-based confounder detection and span-pruned counterfactuals (docs/design.md §1).
 
 The recipe, top to bottom in `run_detection`; the stage components it chains are in ``stages.py``, the files
 they write in ``schema.py``, where those files live and how they are committed in ``leaf_ray.store``::

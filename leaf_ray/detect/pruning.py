@@ -1,4 +1,4 @@
-"""Counterfactuals by span pruning (DESIGN §1 Stage 1b).
+"""Counterfactuals by span pruning (docs/design.md §1.3).
 
 A confounder span covers tokens ``first .. last_exclusive-1``; its characters are
 ``[offsets[first][0], offsets[last_exclusive-1][1])`` of ``text``. The counterfactual is ``text`` with exactly

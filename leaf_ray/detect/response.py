@@ -1,4 +1,4 @@
-"""Response level ("Instr & Resp Mask", DESIGN §1): reasoning steps, segments, (prefix, continuation) pairs.
+"""Response level ("Instr & Resp Mask", docs/design.md §1.4): reasoning steps, segments, (prefix, continuation) pairs.
 
 The response is cut into steps after every match of ``pattern`` (blank lines by default); each separator
 stays at the end of the step before it, so ``''.join(steps) == response``. Steps are grouped into

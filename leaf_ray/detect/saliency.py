@@ -1,4 +1,4 @@
-"""Per-token saliency: the L2 norm of the loss gradient w.r.t. each input embedding (DESIGN §1 Stage 1a).
+"""Per-token saliency: the L2 norm of the loss gradient w.r.t. each input embedding (docs/design.md §1.1).
 
 For one sample with tokens ``x_0 .. x_{T-1}``, input embeddings ``e_t`` and loss targets ``S = {t : target_mask[t]=1}``::
 

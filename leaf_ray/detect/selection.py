@@ -1,4 +1,4 @@
-"""Stage 1 selection and counterfactual verification, by generation (DESIGN §1, `detection.selection` /
+"""Stage 1 selection and counterfactual verification, by generation (docs/design.md §1.2, `detection.selection` /
 `detection.verification`).
 
 - **Selection** (the paper's Stage 1): score only the samples the teacher answers correctly and the student

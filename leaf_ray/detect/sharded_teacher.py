@@ -3,8 +3,8 @@ them with FSDP2 (`torch.distributed.fsdp.fully_shard`), every rank scoring its o
 
 Why: a teacher too large for one GPU under `device_map="auto"` is pipeline sharding without a pipeline (only
 one GPU computes at any moment). Here each rank holds ≈ 1/N of the parameters and all ranks compute at once;
-the price is an all-gather of each block's parameters in the forward and again in the backward (README,
-"Large teachers").
+the price is an all-gather of each block's parameters in the forward and again in the backward
+(docs/large-teachers.md).
 
 The pure part, unit-tested on CPU with gloo (`tests/test_sharded_teacher.py`):
 

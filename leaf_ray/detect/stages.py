@@ -355,7 +355,7 @@ def committed_units(paths: DetectPaths) -> frozenset[tuple[str, str]]:
 
 def check_local_resources(cfg: LeafConfig, cluster: dict[str, float], pools: dict | None = None) -> None:
     """On a local instance (no autoscaler), the pools' minimum actors plus one CPU for the read, tokenise,
-    score and commit tasks must fit, else Ray Data waits forever (ENVIRONMENT.md, deadlock trap). `pools`:
+    score and commit tasks must fit, else Ray Data waits forever (docs/environment.md §4). `pools`:
     config key -> PoolConfig of the pools alive together (default: both saliency pools)."""
     if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
         return  # a cluster may autoscale to fit

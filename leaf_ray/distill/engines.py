@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from leaf_ray.config import LeafConfig
+from leaf_ray.registry import TEACHER_SIGNALS
 
 
 def deepspeed_config(cfg: LeafConfig, world: int, accum: int, *, zero_stage: int, precision: str,
@@ -129,29 +130,49 @@ def build_student(cfg: LeafConfig, world: int, accum: int, total_steps: int, *, 
 
 
 def build_teacher(cfg: LeafConfig, world: int, accum: int, device):
-    """The frozen teacher signal: replicated module, ZeRO-3 partitioned module, or the offline top-k cache."""
-    from leaf_ray.distill.ds_ops import import_deepspeed
-    from leaf_ray.distill.teacher import OnlineTeacher, TargetLogitsTeacher
+    """The frozen teacher signal of the registered `distill.teacher_mode` (`TEACHER_SIGNALS`)."""
+    return TEACHER_SIGNALS.get(cfg.distill.teacher_mode)(cfg, world, accum, device)
+
+
+@TEACHER_SIGNALS.register("topk_cache")
+def topk_cache_teacher(cfg: LeafConfig, world: int, accum: int, device):
+    """The offline top-k cache, read from disk: no teacher model on the ranks."""
+    from leaf_ray.distill.topk_cache import cache_dir_for, load_topk_teacher
+
+    return load_topk_teacher(cache_dir_for(cfg))
+
+
+def _frozen_teacher(cfg: LeafConfig, device):
     from leaf_ray.models import load_model
 
-    mode = cfg.distill.teacher_mode
-    if mode == "topk_cache":
-        from leaf_ray.distill.topk_cache import cache_dir_for, load_topk_teacher
-
-        return load_topk_teacher(cache_dir_for(cfg))
     # On the GPU in its configured dtype (bf16 stays bf16); on a CPU float32 where bf16 is not native.
     model = load_model(cfg.models.teacher, device=torch.device(device).type)
     model.requires_grad_(False)
     model.eval()
-    if mode == "replicated":
-        model.to(device)
-        if can_chunk_head(model, zero_stage=0):
-            return TargetLogitsTeacher(model)
-    else:
-        # the dtype load_model settled on (float32 on a CPU without native bf16)
-        loaded = str(next(model.parameters()).dtype).removeprefix("torch.")
-        precision = {"bfloat16": "bf16", "float16": "fp16"}.get(loaded, "fp32")
-        conf = deepspeed_config(cfg, world, accum, zero_stage=3, precision=precision, trains=False)
-        model, _, _, _ = import_deepspeed().initialize(args=deepspeed_args(device), model=model, config=conf)
-        model.eval()
+    return model
+
+
+@TEACHER_SIGNALS.register("replicated")
+def replicated_teacher(cfg: LeafConfig, world: int, accum: int, device):
+    """A whole copy of the teacher on every rank."""
+    from leaf_ray.distill.teacher import OnlineTeacher, TargetLogitsTeacher
+
+    model = _frozen_teacher(cfg, device)
+    model.to(device)
+    return TargetLogitsTeacher(model) if can_chunk_head(model, zero_stage=0) else OnlineTeacher(model)
+
+
+@TEACHER_SIGNALS.register("zero3")
+def zero3_teacher(cfg: LeafConfig, world: int, accum: int, device):
+    """The teacher partitioned across the ranks by DeepSpeed ZeRO-3 (inference only)."""
+    from leaf_ray.distill.ds_ops import import_deepspeed
+    from leaf_ray.distill.teacher import OnlineTeacher
+
+    model = _frozen_teacher(cfg, device)
+    # the dtype load_model settled on (float32 on a CPU without native bf16)
+    loaded = str(next(model.parameters()).dtype).removeprefix("torch.")
+    precision = {"bfloat16": "bf16", "float16": "fp16"}.get(loaded, "fp32")
+    conf = deepspeed_config(cfg, world, accum, zero_stage=3, precision=precision, trains=False)
+    model, _, _, _ = import_deepspeed().initialize(args=deepspeed_args(device), model=model, config=conf)
+    model.eval()
     return OnlineTeacher(model)

@@ -1,4 +1,4 @@
-"""The hybrid KL of LeaF Stage 2 (DESIGN §1), memory-bounded.
+"""The hybrid KL of LeaF Stage 2 (docs/design.md §1.5), memory-bounded.
 
     L = λ · KL(p_T(y|X) || p_S(y|X)) + (1 − λ) · KL(p_T(y|X\\A) || p_S(y|X\\A))
 

@@ -1,4 +1,4 @@
-"""The teacher side of the hybrid KL, behind one interface (DESIGN §1 Stage 2).
+"""The teacher side of the hybrid KL, behind one interface (docs/design.md §1.5).
 
 A :class:`TeacherSignal` is called once per training batch and returns a *teacher batch* that
 :func:`leaf_ray.distill.loss.hybrid_kl_loss` consumes:

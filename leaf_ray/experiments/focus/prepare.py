@@ -44,9 +44,10 @@ import math
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -71,7 +72,7 @@ def _holds(directory: Path, key: str) -> bool:
     return False
 
 
-def prepare_key(focus: "FocusBenchConfig") -> str:
+def prepare_key(focus: FocusBenchConfig) -> str:
     """What the prepared models depend on: the task (seed, numbers, prepare/validation sizes) and the recipe."""
     key = {"seed": focus.task_seed, "max_number": focus.max_number, "prepare_size": focus.sizes.prepare,
            "validation_size": focus.sizes.validation,
@@ -86,7 +87,7 @@ def prepare_key(focus: "FocusBenchConfig") -> str:
 SHIPPED_DIR = Path(__file__).resolve().parent / "demo_models"
 
 
-def prepare_models(focus: "FocusBenchConfig", out_dir: str | Path, *, console: "Console | None" = None,
+def prepare_models(focus: FocusBenchConfig, out_dir: str | Path, *, console: Console | None = None,
                    force: bool = False, shipped: Path | None = SHIPPED_DIR) -> PreparedModels:
     """Train (or reuse) `out_dir/teacher` and `out_dir/student` by the recipe in the module docstring.
 

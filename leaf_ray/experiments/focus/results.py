@@ -172,7 +172,7 @@ def diff_rows(result: FocusBenchResult) -> list[list[str]]:
     return rows
 
 
-def print_tables(console: "Console", result: FocusBenchResult) -> None:
+def print_tables(console: Console, result: FocusBenchResult) -> None:
     from rich.table import Table
 
     table = Table(title="Detection quality: instruction tokens vs ground-truth distractor spans (train split)",

@@ -33,8 +33,9 @@ import os
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from leaf_ray.config import BenchmarkRef, LeafConfig, ModelRef
 from leaf_ray.experiments.focus.controls import (
@@ -69,7 +70,7 @@ class FocusBenchError(RuntimeError):
 # =========================================================================== the recipe
 
 
-def run_focus_bench(cfg: LeafConfig, *, prepare: bool = False, console: "Console | None" = None,
+def run_focus_bench(cfg: LeafConfig, *, prepare: bool = False, console: Console | None = None,
                     command: str | None = None) -> FocusBenchResult:
     from rich.console import Console
 
@@ -299,7 +300,7 @@ def parent_run(cfg: LeafConfig, root: Path) -> str | None:
     return run.info.run_id
 
 
-def stage(root: Path, name: str, console: "Console", fn: Callable[[], dict], seconds: dict[str, float]) -> dict:
+def stage(root: Path, name: str, console: Console, fn: Callable[[], dict], seconds: dict[str, float]) -> dict:
     """Run `fn` unless `<root>/_stages/<name>.json` exists; store what it returns there (atomically)."""
     marker = root / "_stages" / f"{name}.json"
     if marker.is_file():
