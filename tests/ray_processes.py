@@ -101,6 +101,21 @@ def stop(head: subprocess.Popen, temp_dir: str, grace_s: float = 30.0) -> set[in
     return cluster_pids(head.pid, temp_dir)
 
 
+def kill_and_reap(proc: subprocess.Popen, temp_dir: str, grace_s: float = 60.0) -> set[int]:
+    """SIGKILL a driver started in its own session and everything of its local Ray (found by `temp_dir`);
+    remove `temp_dir`. Returns the processes that outlived `grace_s` (killed too, so none is left behind)."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=grace_s)
+    deadline = time.monotonic() + grace_s
+    while (left := cluster_pids(proc.pid, temp_dir)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for pid in left:  # never leave processes behind, even when the caller's assertion fails
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+    return left
+
+
 def _start_once(args: list[str], env: dict[str, str], temp_dir: str, dashboard_url: str | None,
                 timeout_s: float) -> tuple[subprocess.Popen, str | None]:
     """One `ray start --block`; returns (process, error). On error the caller stops the process."""

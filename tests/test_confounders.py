@@ -4,10 +4,10 @@ threshold rule registered here, chosen from YAML, runs through detection."""
 from __future__ import annotations
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from run_data import write_clean
 
 from leaf_ray.config import ConfigError, ThresholdConfig, load_config
 from leaf_ray.detect.confounders import minmax, runs, score_span
@@ -163,11 +163,9 @@ def test_a_rule_defined_in_this_module_is_chosen_from_yaml_and_runs_through_dete
                       "detection: {threshold: {rule: test_median}, inline_max_samples: 8}\n")
     cfg = load_config(config)
     assert cfg.detection.threshold.rule == "test_median"
-    rows = [{"sample_id": f"s{i}", "instruction": f"Tom has {i + 3} apples and {i} pens. How many apples?",
-             "output": f"He has {i + 3} apples. \\boxed{{{i + 3}}}", "answer": str(i + 3), "split": "train",
-             "source": "test", "row": i} for i in range(3)]
-    (cfg.run.dir / "data" / "clean").mkdir(parents=True)
-    pq.write_table(pa.Table.from_pylist(rows), cfg.run.dir / "data" / "clean" / "part-0.parquet")
+    write_clean(cfg, [{"sample_id": f"s{i}", "instruction": f"Tom has {i + 3} apples and {i} pens. How many?",
+                       "output": f"He has {i + 3} apples. \\boxed{{{i + 3}}}", "answer": str(i + 3)}
+                      for i in range(3)])
     report = run_detection(cfg)
     assert report.scores == 3
     scores = pq.read_table(DetectPaths.of(cfg).scores).to_pylist()

@@ -3,23 +3,20 @@ path and kill-and-resume, on the tiny offline pair and a real local Ray."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from ray_processes import cluster_pids
+from ray_processes import kill_and_reap
+from run_data import POOLS, read_dir, write_clean
 
 from leaf_ray.config import ModelRef
 from leaf_ray.data.chat import render
@@ -38,8 +35,6 @@ from leaf_ray.detect.stages import (
 from leaf_ray.models import load_model, load_tokenizer
 from leaf_ray.store import DetectPaths
 
-POOLS = {"student_pool": {"num_cpus": 0.5, "batch_size": 4},
-         "teacher_pool": {"num_cpus": 0.5, "batch_size": 4}, "units_per_part": 8}
 NON_ASCII = "Zoë a 12 crêpes et mange 5 «petites» crêpes. 数学: combien en reste-t-il ? Réponds en ½ phrase."
 
 
@@ -54,18 +49,6 @@ def clean_rows(n: int, seed: int = 7) -> list[dict]:
     for i, r in enumerate(rows):
         r.update(split="validation" if i % 5 == 4 else "train", source="test", row=i)
     return rows
-
-
-def write_clean(cfg, rows: list[dict]) -> None:
-    """The documented `data/clean/` schema, written directly (ingest is tested on its own)."""
-    clean = cfg.run.dir / "data" / "clean"
-    clean.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows), clean / "part-0.parquet")
-
-
-def read_dir(path: Path) -> list[dict]:
-    files = sorted(path.glob("*.parquet"))
-    return pq.read_table([str(f) for f in files]).to_pylist() if files else []
 
 
 def planned_units(rows: list[dict], pattern: str = r"\n\s*\n", num_segments: int = 3) -> dict:
@@ -300,15 +283,7 @@ def test_killed_run_resumes_without_losing_or_duplicating_a_unit(ray_local, cfg_
             assert time.monotonic() < deadline, "no part committed within 600 s"
             time.sleep(0.02)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-        deadline = time.monotonic() + 60
-        while (left := cluster_pids(proc.pid, temp_dir)) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        for pid in left:  # never leave processes behind, even when the assertion below fails
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        left = kill_and_reap(proc, temp_dir)
     assert not left, f"processes of the killed detection run survived: {sorted(left)}"
 
     committed_before = committed_units(out)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from run_data import POOLS, read_dir, write_clean
 
 from leaf_ray.data.demo_corpus import generate_problems
 from leaf_ray.detect.pipeline import check_same_spec, run_detection, run_spec
@@ -32,28 +33,10 @@ from leaf_ray.evaluate.answers import answers_match, extract_answer
 from leaf_ray.evaluate.judge import NO_REFERENCE
 from leaf_ray.store import DetectPaths
 
-POOLS = {"student_pool": {"num_cpus": 0.5, "batch_size": 4},
-         "teacher_pool": {"num_cpus": 0.5, "batch_size": 4}, "units_per_part": 8}
 GENERATION = {"backend": "transformers", "max_new_tokens": 16, "pool": {"batch_size": 1, "num_cpus": 0.5}}
 NEVER = "-987654321"  # a reference no tiny model's 16 tokens hit
 PRINTS_OK = {"format": "livecodebench", "tests": [{"input": "", "output": "ok", "testtype": "stdin"}],
              "func_name": None}
-
-
-def write_clean(cfg, rows: list[dict]) -> None:
-    """`data/clean/` as ingest writes it (extra columns as strings), written directly."""
-    columns = {k for r in rows for k in r}
-    for i, r in enumerate(rows):
-        r.update({k: None for k in columns - r.keys()}, source="test", row=i)
-        r["split"] = r.get("split") or "train"
-    clean = cfg.run.dir / "data" / "clean"
-    clean.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows), clean / "part-0.parquet")
-
-
-def read_dir(path: Path) -> list[dict]:
-    files = sorted(path.glob("*.parquet"))
-    return pq.read_table([str(f) for f in files]).to_pylist() if files else []
 
 
 def file_stamps(*dirs: Path) -> dict[str, int]:

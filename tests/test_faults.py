@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,8 +25,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from ray_processes import BIN, TRAIN_POLL_ENV, cluster_pids, free_ports
-from test_detect_pipeline import clean_rows, read_dir, write_clean
+from ray_processes import BIN, TRAIN_POLL_ENV, cluster_pids, free_ports, kill_and_reap
+from run_data import read_dir, write_clean
+from test_detect_pipeline import clean_rows
 from test_trainer import INLINE, STEPS, assert_curves_match, distill, make_cfg
 from test_trainer import assert_same_weights as assert_same_student
 
@@ -85,6 +85,13 @@ class KillWhen(threading.Thread):
     def stop(self):
         self.done.set()
         self.join(timeout=30)
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
 def checkpoint(out_dir: Path, step: int) -> Path:
@@ -185,12 +192,9 @@ def test_sigkill_of_a_train_worker_restarts_the_group_from_the_checkpoint(baseli
     base_cfg, base = baseline
     cfg = make_cfg(tmp_path, tiny_pair, "worker-kill")  # distill.max_failures = 1
     out = cfg.run.dir / "distill" / "leaf_instr"
-    killer = KillWhen(lambda: registered_checkpoint(out, 2), "RayTrainWorker")  # mid-epoch, after a checkpoint
-    killer.start()
-    try:
+    # mid-epoch, after a checkpoint
+    with KillWhen(lambda: registered_checkpoint(out, 2), "RayTrainWorker") as killer:
         result = distill(cfg)
-    finally:
-        killer.stop()
     assert killer.killed is not None, "no Ray Train worker was killed"
     assert killer.seen - {killer.killed}, "no worker restarted"
     assert len(killer.seen) > 2, f"the group was not restarted: {sorted(killer.seen)}"  # 2 workers + new ones
@@ -239,15 +243,7 @@ def test_sigkill_of_the_driver_then_the_same_command_resumes(baseline, tiny_pair
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-        deadline = time.monotonic() + 60
-        while (left := cluster_pids(proc.pid, temp_dir)) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        for pid in left:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        left = kill_and_reap(proc, temp_dir)
     assert not left, f"processes of the killed distill driver survived: {sorted(left)}"
     assert not (out / "summary.json").exists(), "the kill must land before the run finished"
 
@@ -378,12 +374,9 @@ def test_sigkill_of_a_saliency_actor_mid_stream_loses_and_duplicates_nothing(ray
     write_clean(cfg, rows)
     out = DetectPaths.of(cfg)
     # After the kill, while the stream recovers, a second detection on the same directory is refused.
-    killer = KillWhen(lambda: len(committed_units(out)) >= 1, "SaliencyScorer", after=lambda: run_detection(cfg))
-    killer.start()
-    try:
+    with KillWhen(lambda: len(committed_units(out)) >= 1, "SaliencyScorer",
+                  after=lambda: run_detection(cfg)) as killer:
         report = run_detection(cfg)
-    finally:
-        killer.stop()
     assert killer.killed is not None, "no saliency actor was killed"
     assert isinstance(killer.after_result, DetectionError), killer.after_result
     assert "another detection run is writing here" in str(killer.after_result)
@@ -412,13 +405,9 @@ def test_sigkill_of_a_generation_actor_mid_stream_loses_and_duplicates_nothing(r
         [{"k": i, "instruction": p} for i, p in enumerate(prompts)], override_num_blocks=len(prompts)),
         "instruction", "response")
     got = []
-    killer = KillWhen(lambda: len(got) >= 1, "GenerateUDF")
-    killer.start()
-    try:
+    with KillWhen(lambda: len(got) >= 1, "GenerateUDF") as killer:
         for row in ds.iter_rows():
             got.append(row)  # noqa: PERF402 - the killer watches it grow while the stream runs
-    finally:
-        killer.stop()
     assert killer.killed is not None, "no generation actor was killed"
     assert sorted(r["k"] for r in got) == list(range(len(prompts)))  # every row exactly once
     expected = TransformersBackend(ModelRef(path=tiny_pair["teacher"]),

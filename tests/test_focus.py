@@ -192,8 +192,8 @@ def test_prepare_smoke_models_load_back_and_generate(tmp_path):
 def test_prepared_models_are_cached_for_the_machine_and_reused_by_another_run_directory(tmp_path, monkeypatch):
     """bench.focus.models_cache: what one run directory trained is put there whole under its key; another run
     directory with the same recipe copies it instead of training; another recipe trains (and is cached)."""
-    from leaf_ray.experiments.focus import prepare as focus_prepare
     from leaf_ray.config import config_from_dict
+    from leaf_ray.experiments.focus import prepare as focus_prepare
 
     tiny = {"hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 1,
             "num_key_value_heads": 1}
