@@ -57,12 +57,10 @@ def pair() -> dict[str, str]:
     """The shipped focus-demo teacher and student (Qwen2, 0.93M / 0.46M, one tokenizer, trained on the task):
     real weights, and no tokenizer training here (the tiny pair's corpus comes from reasoning-gym, which the
     device image cannot install)."""
-    import leaf_ray
+    from leaf_ray.experiments.focus.prepare import SHIPPED_DIR
 
-    found = sorted(Path(leaf_ray.__file__).parent.rglob("focus_demo/teacher/config.json"))
-    assert found, "the shipped focus-demo models (leaf_ray/.../focus_demo) are missing"
-    root = found[0].parent.parent
-    return {"teacher": str(root / "teacher"), "student": str(root / "student")}
+    assert (SHIPPED_DIR / "teacher" / "config.json").exists(), f"the shipped demo models are missing: {SHIPPED_DIR}"
+    return {"teacher": str(SHIPPED_DIR / "teacher"), "student": str(SHIPPED_DIR / "student")}
 
 
 @pytest.fixture(scope="module")

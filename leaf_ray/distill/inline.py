@@ -117,7 +117,6 @@ def train_inline(cfg: LeafConfig, variant: str, out_dir: Path, tokenized: pa.Tab
     from ``<out>/checkpoints`` and retry a failed attempt from there (``distill.max_failures`` times)."""
     from leaf_ray.distill.data import TokenizedRows
     from leaf_ray.distill.trainer import DistillRecipe, World, accumulation_steps, no_rows
-
     from leaf_ray.distributed import inline_device
 
     dcfg = cfg.distill

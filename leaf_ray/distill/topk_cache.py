@@ -85,9 +85,8 @@ class TopKTeacherBatch:
     def __init__(self, teacher_ref: dict, tokenizer_ref: dict, *, k: int, temperature: float, vocab_size: int,
                  max_length: int):
         from leaf_ray.config import ModelRef
-        from leaf_ray.models import load_model, load_tokenizer
-
         from leaf_ray.distributed import process_device
+        from leaf_ray.models import load_model, load_tokenizer
 
         self.device = process_device()  # the actor's assigned GPU, else the CPU
         self.model = load_model(ModelRef(**teacher_ref), device=self.device.type).to(self.device).eval()
@@ -155,9 +154,10 @@ def score_topk(rows: pa.Table | ray.data.Dataset, *, teacher: ModelRef, tokenize
     if engine == "vllm":
         from leaf_ray.distill.topk_vllm import score_rows
 
-        return score_rows(ds, teacher=teacher, tokenizer=tokenizer, k=k, temperature=temperature,
-                          vocab_size=vocab_size, max_length=max_length, pool=pool,
-                          generation=generation or GenerationConfig(), seed=seed)
+        scored = score_rows(ds, teacher=teacher, tokenizer=tokenizer, k=k, temperature=temperature,
+                            vocab_size=vocab_size, max_length=max_length, pool=pool,
+                            generation=generation or GenerationConfig(), seed=seed)
+        return scored.map_batches(to_schema, batch_format="pyarrow")
     if engine != "transformers":
         raise ValueError(f"distill.topk_engine: unknown engine {engine!r} (transformers | vllm)")
     return ds.map_batches(
@@ -291,3 +291,8 @@ class TopKCacheLookup(Mapping):
 def load_topk_teacher(path: str | Path) -> TopKCacheTeacher:
     """The teacher signal for ``teacher_mode: topk_cache``, reading the cache at ``path``."""
     return TopKCacheTeacher(TopKCacheLookup(path))
+
+
+def to_schema(batch: pa.Table) -> pa.Table:
+    """A batch of cache rows in :data:`SCHEMA`'s columns and types (the vLLM path's rows carry more)."""
+    return batch.select(SCHEMA.names).cast(SCHEMA)

@@ -151,12 +151,6 @@ def _cache_row(row: dict, *, k: int, n: int, temperature: float, vocab_size: int
                 "temperature": temperature, "vocab_size": vocab_size}
 
 
-def _to_schema(batch):
-    from leaf_ray.distill.topk_cache import SCHEMA
-
-    return batch.select(SCHEMA.names).cast(SCHEMA)
-
-
 def score_rows(ds: ray.data.Dataset, *, teacher: ModelRef, tokenizer: ModelRef, k: int, temperature: float,
                vocab_size: int, max_length: int, pool: PoolConfig, generation: GenerationConfig,
                seed: int = 0) -> ray.data.Dataset:
@@ -179,4 +173,4 @@ def score_rows(ds: ray.data.Dataset, *, teacher: ModelRef, tokenizer: ModelRef, 
     processor = build_processor(
         config, preprocess=functools.partial(_request, n=n),
         postprocess=functools.partial(_cache_row, k=k, n=n, temperature=temperature, vocab_size=vocab_size))
-    return processor(inputs).map_batches(_to_schema, batch_format="pyarrow")
+    return processor(inputs)  # the caller (topk_cache.py) casts to its SCHEMA: no import back up

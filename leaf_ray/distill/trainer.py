@@ -62,7 +62,6 @@ import numpy as np
 import torch
 
 from leaf_ray.config import LeafConfig, config_from_dict
-from leaf_ray.distributed import barrier, deepspeed_accelerator, ray_train_device
 from leaf_ray.distill.checkpoints import (
     consolidated_state_dict,
     export_best_model,
@@ -80,6 +79,7 @@ from leaf_ray.distill.data import (
 )
 from leaf_ray.distill.engines import build_student, build_teacher
 from leaf_ray.distill.onpolicy import build_sampler, on_policy_slot, prompts_of, sampled_batch
+from leaf_ray.distributed import barrier, deepspeed_accelerator, ray_train_device
 
 
 def accumulation_steps(global_batch: int, micro_batch: int, world: int) -> int:

@@ -130,7 +130,6 @@ class TransformersBackend(GenerationBackend):
     name = "transformers"
 
     def __init__(self, model_ref: ModelRef, gen: GenerationConfig, seed: int = 0):
-        import torch
 
         from leaf_ray.models import load_model
 
