@@ -188,3 +188,29 @@ def private_head(*, num_cpus: int, dashboard: bool = False, extra_args: tuple[st
         survivors = stop(head, temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
         assert not survivors, f"processes of the test cluster still alive: {sorted(survivors)}"
+
+
+def sigkill_distill_after_checkpoint(config_file: Path, out: Path, log: Path, *, step: int = 2,
+                                     wait_s: float = 400.0) -> subprocess.Popen:
+    """Run `leaf-ray distill --config FILE` in its own session, SIGKILL it (and its group) once its step-`step`
+    checkpoint is in `<out>/checkpoints` (renamed in whole), and return the reaped process. The kill must
+    land before the run finished."""
+    name = f"checkpoint-step{step:07d}"
+    with open(log, "w") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "leaf_ray.cli", "distill", "--config", str(config_file)],
+                                env=dict(os.environ, RAY_AUTH_MODE="disabled"), stdout=log_file,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + wait_s  # generous: a machine shared by several suites is slow to start
+        while not (out / "checkpoints" / name).is_dir():
+            assert proc.poll() is None, f"distill exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no {name} within {wait_s:g} s"
+            time.sleep(0.002)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "summary.json").exists(), "the kill must land before the run finished"
+    return proc

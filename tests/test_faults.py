@@ -25,7 +25,14 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from ray_processes import BIN, TRAIN_POLL_ENV, cluster_pids, free_ports, kill_and_reap
+from ray_processes import (
+    BIN,
+    TRAIN_POLL_ENV,
+    cluster_pids,
+    free_ports,
+    kill_and_reap,
+    sigkill_distill_after_checkpoint,
+)
 from run_data import read_dir, write_clean
 from test_detect_pipeline import clean_rows
 from test_trainer import INLINE, STEPS, assert_curves_match, distill, make_cfg
@@ -272,24 +279,7 @@ def test_sigkill_of_an_in_process_run_then_the_same_command_resumes(baseline, ti
     out = cfg.run.dir / "distill" / "leaf_instr"
     config_file = cfg.run.dir / "config.yaml"
     config_file.write_text(cfg.to_yaml())
-    log = tmp_path / "driver.log"
-    with open(log, "w") as log_file:
-        proc = subprocess.Popen([sys.executable, "-m", "leaf_ray.cli", "distill", "--config", str(config_file)],
-                                env=dict(os.environ, RAY_AUTH_MODE="disabled"), stdout=log_file,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 240
-        while not (out / "checkpoints" / "checkpoint-step0000002").is_dir():  # renamed in whole
-            assert proc.poll() is None, f"distill exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, "no step-2 checkpoint within 240 s"
-            time.sleep(0.002)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
-    assert not (out / "summary.json").exists(), "the kill must land before the run finished"
+    sigkill_distill_after_checkpoint(config_file, out, tmp_path / "driver.log", wait_s=240)
     assert "ray" not in {p.name for p in out.iterdir()}  # it never started Ray Train
 
     again = CliRunner().invoke(app, ["distill", "--config", str(config_file)])  # the same command

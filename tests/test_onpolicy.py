@@ -8,15 +8,9 @@ of the sampled tokens (functions of the sampled token ids and the weights) must 
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import subprocess
-import sys
-import time
-
 import numpy as np
 import pytest
+from ray_processes import sigkill_distill_after_checkpoint
 from test_faults import loss_steps
 from test_trainer import INLINE, STEPS, assert_curves_match, assert_same_weights, distill, history, make_cfg
 
@@ -122,24 +116,7 @@ def test_sigkill_of_an_on_policy_run_resumes_with_the_same_samples_and_student(o
     out = cfg.run.dir / "distill" / "leaf_instr"
     config_file = cfg.run.dir / "config.yaml"
     config_file.write_text(cfg.to_yaml())
-    log = tmp_path / "driver.log"
-    with open(log, "w") as log_file:
-        proc = subprocess.Popen([sys.executable, "-m", "leaf_ray.cli", "distill", "--config", str(config_file)],
-                                env=dict(os.environ, RAY_AUTH_MODE="disabled"), stdout=log_file,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 400  # generous: a machine shared by several suites is slow to start
-        while not (out / "checkpoints" / "checkpoint-step0000002").is_dir():  # renamed in whole
-            assert proc.poll() is None, f"distill exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, "no step-2 checkpoint within 400 s"
-            time.sleep(0.002)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
-    assert not (out / "summary.json").exists(), "the kill must land before the run finished"
+    sigkill_distill_after_checkpoint(config_file, out, tmp_path / "driver.log", wait_s=400)
     assert (out / "checkpoints" / "checkpoint-step0000002" / "sampler_rank0.pt").is_file()
 
     again = CliRunner().invoke(app, ["distill", "--config", str(config_file)])  # the same command
