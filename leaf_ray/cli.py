@@ -239,12 +239,62 @@ def compare(
             console.print(f"wrote {path}")
 
 
+ManifestOpt = Annotated[str, typer.Option(help="KubeRay RayCluster manifest giving the worker groups (GPUs and "
+                                          "host memory per pod).")]
+
+
+def _plan(cfg: LeafConfig, manifest: str, gpu_mem_gb: float, bandwidth_gbps: float, gpu_tflops: float,
+          mfu: float, samples: int | None, mean_tokens: int | None, strict: bool) -> None:
+    from leaf_ray.plan import GIB, PlanError, cluster_from_manifest, plan, render
+
+    try:
+        cluster = cluster_from_manifest(manifest, gpu_mem_bytes=gpu_mem_gb * GIB, bandwidth_gbps=bandwidth_gbps,
+                                        gpu_tflops=gpu_tflops, mfu=mfu)
+        plans = plan(cfg, cluster, samples=samples, mean_tokens=mean_tokens)
+    except (PlanError, OSError) as e:
+        err_console.print(f"[red]plan: {e}[/red]")
+        raise typer.Exit(2) from None
+    render(plans, console)
+    misfits = [p for p in plans if not p.fits]
+    if strict and misfits:
+        for p in misfits:
+            err_console.print(f"[red]{p.stage} / {p.rank} does not fit ({p.gpu_total / GIB:.1f} GiB of "
+                              f"{p.gpu_budget / GIB:.1f} GiB GPU, {p.host_load / GIB:.1f} GiB of "
+                              f"{p.host_budget / GIB:.0f} GiB host): change {p.fix}[/red]")
+        raise typer.Exit(1)
+
+
+@app.command("plan")
+def plan_cmd(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    manifest: ManifestOpt = "kuberay/raycluster.yaml",
+    gpu_mem_gb: Annotated[float, typer.Option(help="Memory of one GPU, GiB.")] = 80.0,
+    bandwidth_gbps: Annotated[float, typer.Option(help="Intra-node all-gather bandwidth per GPU, GB/s.")] = 300.0,
+    gpu_tflops: Annotated[float, typer.Option(help="Dense peak of one GPU in the stage dtype, TFLOP/s.")] = 989.0,
+    mfu: Annotated[float, typer.Option(help="Assumed model FLOPs utilisation.")] = 0.4,
+    samples: Annotated[Optional[int], typer.Option(help="Training records (for the run's time).")] = None,
+    mean_tokens: Annotated[Optional[int], typer.Option(help="Mean tokens per record (default max_length/2).")] =
+        None,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit 1 when a stage does not fit.")] = False,
+) -> None:
+    """Per stage and rank kind: GPU memory (weights, gathered blocks, activations, optimizer, logits, vLLM),
+    host memory at load, time at the stated MFU, and whether it fits (docs/large-teachers.md)."""
+    _plan(resolve(config, set_), manifest, gpu_mem_gb, bandwidth_gbps, gpu_tflops, mfu, samples, mean_tokens,
+          strict)
+
+
 @app.command()
-def run(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+def run(config: ConfigOpt = None, set_: SetOpt = None,
+        plan_first: Annotated[bool, typer.Option("--plan", help="First `leaf-ray plan --strict` (default cluster "
+                                                 "shape): a config that does not fit stops before any work.")]
+        = False) -> None:
     """The whole chain: detection -> counterfactuals -> distillation -> evaluation (resumes on rerun)."""
     from leaf_ray.pipeline import run_pipeline
 
     cfg = resolve(config, set_)
+    if plan_first:
+        _plan(cfg, "kuberay/raycluster.yaml", 80.0, 300.0, 989.0, 0.4, None, None, strict=True)
     result = run_pipeline(cfg, console)
     console.print(f"outputs: {result.run_dir}")
 
@@ -377,6 +427,33 @@ def bench_distill(
 
     cfg = resolve(config, set_)
     run_distill_bench(cfg, console, steps=steps, warmup=warmup, memory=memory, threads=threads)
+
+
+@bench_app.command("load")
+def bench_load(
+    ranks: Annotated[str, typer.Option(help="Comma-separated rank counts.")] = "2,4",
+    modes: Annotated[str, typer.Option(help="Comma-separated: gang, zero3-teacher, zero3-student.")] =
+        "gang,zero3-teacher,zero3-student",
+    out: Annotated[Optional[str], typer.Option(help="Directory for the random model (reused if there) and "
+                                               "bench-load.json; default a new temporary directory.")] = None,
+) -> None:
+    """Host memory and checkpoint bytes per rank of loading a 484 MB random Llama on N ranks (CPU, gloo):
+    every rank from_pretrained (today) beside each rank reading only its own slices (partitioned)."""
+    from leaf_ray.bench.load import MODES, run_load_bench
+
+    mode_list = [m.strip() for m in modes.split(",") if m.strip()]
+    if bad := [m for m in mode_list if m not in MODES]:
+        err_console.print(f"[red]--modes: unknown {bad}; known: {', '.join(MODES)}[/red]")
+        raise typer.Exit(2)
+    try:
+        rank_list = [int(r) for r in ranks.split(",")]
+    except ValueError:
+        err_console.print(f"[red]--ranks: {ranks!r} is not a comma-separated list of integers[/red]")
+        raise typer.Exit(2) from None
+    rows = run_load_bench(console, ranks=rank_list, modes=mode_list, out_dir=out)
+    missed = [r for r in rows if r["way"] == "partitioned" and not r["meets"]]
+    if missed:
+        raise typer.Exit(1)
 
 
 @bench_app.command("gpu")

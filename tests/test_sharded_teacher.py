@@ -46,11 +46,13 @@ def _rank(rank: int, world: int, init_file: str, teacher: str, out_dir: str) -> 
     import torch.distributed as dist
     from torch.distributed.fsdp._fully_shard import _fsdp_param_group
 
+    from torch.distributed.device_mesh import init_device_mesh
+
     from leaf_ray.detect.sharded_teacher import (
         dummy_batch,
         gang_token_saliency,
+        load_sharded_teacher,
         local_parameter_numel,
-        shard_frozen_teacher,
         transformer_blocks,
     )
     from leaf_ray.models import load_tokenizer
@@ -59,7 +61,8 @@ def _rank(rank: int, world: int, init_file: str, teacher: str, out_dir: str) -> 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         ref = ModelRef(path=teacher)
-        model = shard_frozen_teacher(load_model(ref))
+        # each rank reads only its own shards (leaf_ray/partitioned_load.py)
+        model, _ = load_sharded_teacher(ref, "float32", init_device_mesh("cpu", (world,)))
         local, full = local_parameter_numel(model)
         gathers = []  # one entry per FSDP unit gathered before its backward
         original = _fsdp_param_group.FSDPParamGroup.pre_backward
@@ -75,7 +78,8 @@ def _rank(rank: int, world: int, init_file: str, teacher: str, out_dir: str) -> 
         for i in range(calls):
             mine = batches[rank][i] if i < len(batches[rank]) else dummy_batch()
             gathers.clear()
-            out = gang_token_saliency(model, *mine)
+            # the second call checkpoints every block (recomputed inside its FSDP unit): same numbers
+            out = gang_token_saliency(model, *mine, gradient_checkpointing=i == 1)
             results.append({"grad_norm": out.grad_norm, "loss": out.loss, "dummy": i >= len(batches[rank]),
                             "backward_gathers": len(gathers)})
         torch.save({"local": local, "full": full, "blocks": len(transformer_blocks(model)), "results": results,

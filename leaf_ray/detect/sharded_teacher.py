@@ -38,6 +38,7 @@ import torch
 from leaf_ray.detect.saliency import (
     SaliencyOutput,
     _check_inputs,
+    checkpointed_layers,
     frozen_eval,
     position_ids_from_mask,
     target_loss,
@@ -76,6 +77,25 @@ def shard_frozen_teacher(model: torch.nn.Module, mesh=None) -> torch.nn.Module:
     return model
 
 
+def load_sharded_teacher(ref, dtype: str, mesh, device: torch.device | None = None) -> tuple[torch.nn.Module, int]:
+    """`ref`'s model sharded over `mesh` by :func:`shard_frozen_teacher`, each rank reading only its own shards
+    from the safetensors checkpoint (:func:`leaf_ray.partitioned_load.load_fsdp_sharded`): no rank ever holds
+    the whole model. A checkpoint without safetensors is loaded whole on every rank, then sharded. Returns
+    ``(model, checkpoint bytes this rank read)``."""
+    from leaf_ray.models import load_model, model_dtype
+    from leaf_ray.partitioned_load import checkpoint_dir, has_safetensors, load_fsdp_sharded
+
+    on_cpu = mesh.device_type == "cpu"
+    if device is None:
+        device = torch.device("cpu") if on_cpu else torch.device(mesh.device_type, torch.cuda.current_device())
+    if has_safetensors(ref):
+        return load_fsdp_sharded(ref, model_dtype(ref, dtype, on_cpu=on_cpu),
+                                 lambda m: shard_frozen_teacher(m, mesh), device=device)
+    # Loaded on CPU, then each FSDP unit is moved to the mesh's device as it is sharded.
+    model = shard_frozen_teacher(load_model(ref, dtype=dtype, device=device.type), mesh)
+    return model, sum(f.stat().st_size for f in checkpoint_dir(ref).glob("*.bin"))
+
+
 def local_parameter_numel(model: torch.nn.Module) -> tuple[int, int]:
     """(elements of the parameters this rank holds, elements of the whole model)."""
     local = full = 0
@@ -108,10 +128,12 @@ def _embeddings_as_leaf(model: torch.nn.Module, store: list):
 
 
 def gang_token_saliency(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        target_mask: torch.Tensor) -> SaliencyOutput:
+                        target_mask: torch.Tensor, *, gradient_checkpointing: bool = False) -> SaliencyOutput:
     """``g_t = ||dL_b/de_t||_2`` for every token of a padded batch, on a model sharded by
     :func:`shard_frozen_teacher` (or an unsharded one: the same numbers as `token_saliency`). Collective:
-    every rank of the gang must call it the same number of times (pad with :func:`dummy_batch`)."""
+    every rank of the gang must call it the same number of times (pad with :func:`dummy_batch`).
+    ``gradient_checkpointing``: each block's forward is checkpointed inside its FSDP unit (recomputed in the
+    backward after the unit's pre-backward gather), so activations are one block's, not every block's."""
     _check_inputs(input_ids, attention_mask, target_mask)
     device = _compute_device(model)
     input_ids = input_ids.to(device).clone()
@@ -129,6 +151,8 @@ def gang_token_saliency(model, input_ids: torch.Tensor, attention_mask: torch.Te
         stack.enter_context(torch.inference_mode(False))
         stack.enter_context(torch.enable_grad())
         stack.enter_context(frozen_eval(model))
+        if gradient_checkpointing:
+            stack.enter_context(checkpointed_layers(model))
         stack.enter_context(_embeddings_as_leaf(model, leaves))
         logits = model(input_ids=input_ids, attention_mask=attention_mask,
                        position_ids=position_ids_from_mask(attention_mask), use_cache=False, **kwargs).logits
@@ -158,13 +182,13 @@ class GangRank(SaliencyScorer):
     slice with nothing to score runs :func:`dummy_batch`."""
 
     def __init__(self, rank: int, world_size: int, model: dict, *, dtype: str, own_tokenizer: bool,
-                 fail_at_batch: int | None = None, num_gpus: float = 0.0):
+                 fail_at_batch: int | None = None, num_gpus: float = 0.0, gradient_checkpointing: bool = False):
         from leaf_ray.config import ModelRef
         from leaf_ray.raycluster import cached_tokenizer
 
         self.rank, self.world_size, self.model_kwargs, self.dtype = rank, world_size, model, dtype
         self.num_gpus = num_gpus
-        self.role, self.gradient_checkpointing = "teacher", False
+        self.role, self.gradient_checkpointing = "teacher", gradient_checkpointing
         ref = ModelRef(**model)
         self.tokenizer = cached_tokenizer(ref.model_dump_json()) if own_tokenizer else None
         self.fail_at_batch, self.batches, self.passes = fail_at_batch, 0, 0
@@ -185,16 +209,14 @@ class GangRank(SaliencyScorer):
 
         from leaf_ray.config import ModelRef
         from leaf_ray.distributed import init_group, ray_actor_device
-        from leaf_ray.models import load_model
 
         # The GPU Ray gave this rank (CUDA_VISIBLE_DEVICES narrowed to it), else the CPU: a rank's device comes
         # from its resources, never from what it happens to see.
         device = ray_actor_device(self.num_gpus)
         init_group(device, rank=self.rank, world_size=self.world_size, init_method=init_method, timeout_s=timeout_s)
         mesh = init_device_mesh(device.type, (self.world_size,))
-        # Loaded on CPU, then each FSDP unit is moved to the mesh's device as it is sharded.
-        model = load_model(ModelRef(**self.model_kwargs), dtype=self.dtype, device=device.type)
-        self.model = shard_frozen_teacher(model, mesh)
+        self.model, self.bytes_read = load_sharded_teacher(ModelRef(**self.model_kwargs), self.dtype, mesh,
+                                                           device=device)
         return local_parameter_numel(self.model)
 
     def pid(self) -> int:
@@ -212,7 +234,8 @@ class GangRank(SaliencyScorer):
 
     def _saliency(self, input_ids, attention_mask, target_mask):
         self.passes += 1
-        return gang_token_saliency(self.model, input_ids, attention_mask, target_mask)
+        return gang_token_saliency(self.model, input_ids, attention_mask, target_mask,
+                                   gradient_checkpointing=self.gradient_checkpointing)
 
 
 class GangTeacherScorer:
@@ -229,8 +252,9 @@ class GangTeacherScorer:
 
     def __init__(self, model: dict, *, dtype: str, own_tokenizer: bool, world_size: int,
                  rank_resources: dict[str, float], gang_timeout_s: float, max_gang_restarts: int,
-                 fail_rank_at_batch: int | None = None, gang_tag: str = "leaf-ray-teacher-gang"):
-        self.gang_tag = gang_tag
+                 fail_rank_at_batch: int | None = None, gang_tag: str = "leaf-ray-teacher-gang",
+                 gradient_checkpointing: bool = False):
+        self.gang_tag, self.gradient_checkpointing = gang_tag, gradient_checkpointing
         self.model, self.dtype, self.own_tokenizer = model, dtype, own_tokenizer
         self.world_size, self.rank_resources = world_size, dict(rank_resources)
         self.timeout_s, self.restarts_left = gang_timeout_s, max_gang_restarts
@@ -262,7 +286,7 @@ class GangTeacherScorer:
             resources={k: v for k, v in bundle.items() if k not in ("CPU", "GPU")},
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r),
         ).remote(r, self.world_size, self.model, dtype=self.dtype, own_tokenizer=self.own_tokenizer,
-                 fail_at_batch=fail if r == self.world_size - 1 else None, num_gpus=bundle.get("GPU", 0))
+                 gradient_checkpointing=self.gradient_checkpointing, fail_at_batch=fail if r == self.world_size - 1 else None, num_gpus=bundle.get("GPU", 0))
             for r in range(self.world_size)]
         init_method = ray.get(self.ranks[0].address.remote())
         self.held = self._all([rank.join.remote(init_method, self.timeout_s) for rank in self.ranks])
@@ -316,7 +340,7 @@ def gang_kwargs(cfg, same_tokenizer: bool, gang_tag: str) -> dict:
             "own_tokenizer": not same_tokenizer, "world_size": pool.world_size,
             "rank_resources": pool.rank_resources(), "gang_timeout_s": pool.gang_timeout_s,
             "max_gang_restarts": pool.max_gang_restarts, "fail_rank_at_batch": pool.fail_rank_at_batch,
-            "gang_tag": gang_tag}
+            "gang_tag": gang_tag, "gradient_checkpointing": cfg.detection.gradient_checkpointing}
 
 
 def new_gang_tag() -> str:

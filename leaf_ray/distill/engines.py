@@ -108,10 +108,18 @@ def build_student(cfg: LeafConfig, world: int, accum: int, total_steps: int, *, 
     deepspeed = import_deepspeed()
     from transformers import get_scheduler
 
-    from leaf_ray.models import compute_precision, load_model, load_tokenizer
+    from leaf_ray.models import PRECISIONS, compute_precision, load_model, load_tokenizer
+    from leaf_ray.partitioned_load import has_safetensors, load_zero3_partitioned
 
     dcfg = cfg.distill
-    model = load_model(cfg.models.student, dtype="float32")
+    precision = compute_precision(dcfg.deepspeed.precision, on_cpu=torch.device(device).type == "cpu",
+                                  force=cfg.models.student.force_dtype)
+    conf = deepspeed_config(cfg, world, accum, zero_stage=dcfg.deepspeed.zero_stage, precision=precision)
+    if dcfg.deepspeed.zero_stage == 3 and has_safetensors(cfg.models.student):
+        # built partitioned, each rank reading only its partitions: no rank holds the whole student
+        model, _ = load_zero3_partitioned(cfg.models.student, PRECISIONS[precision], conf)
+    else:
+        model = load_model(cfg.models.student, dtype="float32")
     model.config.use_cache = False
     if with_loss:
         chunked = dcfg.chunked_lm_head and can_chunk_head(model, dcfg.deepspeed.zero_stage)
@@ -120,9 +128,6 @@ def build_student(cfg: LeafConfig, world: int, accum: int, total_steps: int, *, 
     optimizer = torch.optim.AdamW(model.parameters(), lr=dcfg.lr, weight_decay=dcfg.weight_decay)
     name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[dcfg.scheduler]
     scheduler = get_scheduler(name, optimizer, num_warmup_steps=dcfg.warmup_steps, num_training_steps=total_steps)
-    precision = compute_precision(dcfg.deepspeed.precision, on_cpu=torch.device(device).type == "cpu",
-                                  force=cfg.models.student.force_dtype)
-    conf = deepspeed_config(cfg, world, accum, zero_stage=dcfg.deepspeed.zero_stage, precision=precision)
     engine, _, _, _ = deepspeed.initialize(args=deepspeed_args(device), model=model, optimizer=optimizer,
                                            lr_scheduler=scheduler, config=conf)
     engine.train()
@@ -168,11 +173,20 @@ def zero3_teacher(cfg: LeafConfig, world: int, accum: int, device):
     from leaf_ray.distill.ds_ops import import_deepspeed
     from leaf_ray.distill.teacher import OnlineTeacher
 
-    model = _frozen_teacher(cfg, device)
-    # the dtype load_model settled on (float32 on a CPU without native bf16)
-    loaded = str(next(model.parameters()).dtype).removeprefix("torch.")
-    precision = {"bfloat16": "bf16", "float16": "fp16"}.get(loaded, "fp32")
+    from leaf_ray.models import PRECISIONS, model_dtype
+    from leaf_ray.partitioned_load import has_safetensors, load_zero3_partitioned
+
+    ref = cfg.models.teacher
+    # the dtype load_model settles on (float32 on a CPU without native bf16)
+    dtype = model_dtype(ref, on_cpu=torch.device(device).type == "cpu")
+    precision = {v: k for k, v in PRECISIONS.items()}[dtype]
     conf = deepspeed_config(cfg, world, accum, zero_stage=3, precision=precision, trains=False)
+    if has_safetensors(ref):
+        # built partitioned, each rank reading only its partitions: no rank holds the whole teacher
+        model, _ = load_zero3_partitioned(ref, dtype, conf)
+        model.requires_grad_(False)
+    else:
+        model = _frozen_teacher(cfg, device)
     model, _, _, _ = import_deepspeed().initialize(args=deepspeed_args(device), model=model, config=conf)
     model.eval()
     return OnlineTeacher(model)

@@ -1,0 +1,74 @@
+"""`leaf-ray plan` (leaf_ray/plan.py): every paper config fits the KubeRay worker groups (read from
+kuberay/raycluster.yaml, not hard-coded); `--strict` refuses one that does not and names the key to change;
+and on CPU the planned peak of a saliency batch is within 25 % of the measured one (weights + every storage
+created during the pass, leaf_ray.bench.measure.CpuPeak) for the tiny teacher and student."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from leaf_ray.config import load_config
+from leaf_ray.plan import GIB, cluster_from_manifest, model_shape, plan, saliency_peak
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER = sorted((ROOT / "configs").glob("paper-*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    return cluster_from_manifest(ROOT / "kuberay" / "raycluster.yaml")
+
+
+def test_the_cluster_comes_from_the_manifest(cluster):
+    gpu_groups = {n: g for n, g in cluster.groups.items() if g["gpus"]}
+    assert gpu_groups and all(g["host_bytes"] > 0 for g in gpu_groups.values())
+    assert max(g["gpus"] for g in gpu_groups.values()) == 8
+
+
+@pytest.mark.parametrize("path", PAPER, ids=lambda p: p.stem)
+def test_every_paper_config_fits_its_worker_groups(path, cluster):
+    cfg = load_config(str(path))
+    plans = plan(cfg, cluster, samples=10_000)
+    assert {p.stage for p in plans} >= {"detect", "distill"}
+    for p in plans:
+        assert p.group in cluster.groups, p
+        assert p.fits, (p.stage, p.rank, {k: round(v / GIB, 1) for k, v in p.parts.items()}, p.gpu_budget / GIB)
+        assert p.seconds is None or p.seconds > 0
+
+
+def test_strict_refuses_a_config_that_does_not_fit_and_names_the_key():
+    from typer.testing import CliRunner
+
+    from leaf_ray.cli import app
+
+    args = ["plan", "--config", str(PAPER[0]), "--strict"]
+    ok = CliRunner().invoke(app, args)
+    assert ok.exit_code == 0, ok.output
+    bad = CliRunner().invoke(app, args + ["--set", "detection.student_pool.batch_size=64"])
+    assert bad.exit_code == 1
+    assert "detection.student_pool.batch_size" in bad.output
+
+
+@pytest.mark.parametrize("role", ["teacher", "student"])
+def test_planned_saliency_peak_is_within_25_percent_of_the_measured(tiny_pair, role):
+    from leaf_ray.bench.measure import CpuPeak
+    from leaf_ray.config import ModelRef
+    from leaf_ray.detect.saliency import token_saliency
+    from leaf_ray.models import load_model
+
+    torch.manual_seed(0)
+    ref = ModelRef(path=tiny_pair[role])
+    model = load_model(ref).eval()
+    batch, length = 4, 256
+    ids = torch.randint(5, 1000, (batch, length))
+    target = torch.zeros_like(ids)
+    target[:, 16:] = 1
+    with CpuPeak() as peak:
+        token_saliency(model, ids, torch.ones_like(ids), target)
+    measured = sum(p.numel() * 4 for p in model.parameters()) + peak.peak
+    shape, tied = model_shape(ref, role)
+    planned = sum(saliency_peak(shape, tied, batch=batch, length=length, b=4, checkpointing=False).values())
+    assert abs(planned / measured - 1) <= 0.25, (planned / 2**20, measured / 2**20)
