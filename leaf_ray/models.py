@@ -155,17 +155,13 @@ def compute_precision(precision: str, *, on_cpu: bool, force: bool = False) -> s
     return {v: k for k, v in PRECISIONS.items()}[dtype]
 
 
-<<<<<<< HEAD
-def load_model(ref: ModelRef, *, device_map=None, max_memory=None, dtype: str | None = None,
-               device: str | None = None) -> PreTrainedModel:
-=======
 def model_dtype(ref: ModelRef, dtype: str | None = None, *, on_cpu: bool) -> str:
     """The dtype `ref`'s model is loaded in: `dtype` (or `ref.dtype`) through :func:`compute_dtype`."""
     return compute_dtype(dtype or ref.dtype, on_cpu=on_cpu, force=ref.force_dtype, what=f"model {ref.path}")
 
 
-def load_model(ref: ModelRef, *, device_map=None, max_memory=None, dtype: str | None = None) -> PreTrainedModel:
->>>>>>> 4a7cd2e (issue 29: loading without N copies (gang: meta build + FSDP2 shards filled by pread of own slices; ZeRO-3 teacher/student: zero.Init partitions filled the same way), the gang honours gradient_checkpointing, leaf-ray bench load, leaf-ray plan / run --plan, docs/large-teachers.md, tests; paper configs' student saliency batch 16 -> 4 (plan))
+def load_model(ref: ModelRef, *, device_map=None, max_memory=None, dtype: str | None = None,
+               device: str | None = None) -> PreTrainedModel:
     """`ref`'s model from local disk. Its dtype is `dtype` (or `ref.dtype`), through :func:`compute_dtype`
     when it will run on a CPU: `device` "cpu" (a CPU actor on a GPU node too), or, when `device` is not given,
     no `device_map` and no visible GPU."""
@@ -176,14 +172,8 @@ def load_model(ref: ModelRef, *, device_map=None, max_memory=None, dtype: str | 
         path = converted_gguf_dir(ref)
     else:
         path = resolve_local_path(ref.path, "model")
-<<<<<<< HEAD
     on_cpu = device == "cpu" if device is not None else device_map is None and not torch.cuda.is_available()
-    dtype = compute_dtype(dtype or ref.dtype, on_cpu=on_cpu, force=ref.force_dtype, what=f"model {ref.path}")
-    kwargs = {"local_files_only": True, "dtype": getattr(torch, dtype)}
-=======
-    on_cpu = device_map is None and not torch.cuda.is_available()
     kwargs = {"local_files_only": True, "dtype": getattr(torch, model_dtype(ref, dtype, on_cpu=on_cpu))}
->>>>>>> 4a7cd2e (issue 29: loading without N copies (gang: meta build + FSDP2 shards filled by pread of own slices; ZeRO-3 teacher/student: zero.Init partitions filled the same way), the gang honours gradient_checkpointing, leaf-ray bench load, leaf-ray plan / run --plan, docs/large-teachers.md, tests; paper configs' student saliency batch 16 -> 4 (plan))
     if device_map is not None:
         kwargs["device_map"] = device_map
     if max_memory is not None:

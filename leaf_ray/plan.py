@@ -233,8 +233,8 @@ def plan(cfg, cluster: Cluster, *, samples: int | None = None, mean_tokens: int 
         largest = teacher.vocab * teacher.hidden * db / world
         host = world * largest
         budget = cluster.gpu_mem_bytes
-        rank_kind, fix = f"teacher gang rank (1/{world})", "detection.teacher_pool.batch_size, world_size or " \
-                                                            "detection.gradient_checkpointing"
+        rank_kind = f"teacher gang rank (1/{world})"
+        fix = "detection.teacher_pool.batch_size, world_size or detection.gradient_checkpointing"
         comm = 2 * pt * db * (world - 1) / world / bw  # gathered in the forward and again in the backward
     else:
         gpus = max(1, int(tp.num_gpus))

@@ -74,8 +74,8 @@ def write_random_model(out: str | Path, *, tie_word_embeddings: bool = False, dt
 
 def _rollup_kib() -> tuple[int, int]:
     text = Path("/proc/self/smaps_rollup").read_text()
-    pss = int(re.search(r"^Pss:\s+(\d+) kB", text, re.M).group(1))
-    anon = int(re.search(r"^Anonymous:\s+(\d+) kB", text, re.M).group(1))
+    pss = int(re.search(r"^Pss:\s+(\d+) kB", text, re.MULTILINE).group(1))
+    anon = int(re.search(r"^Anonymous:\s+(\d+) kB", text, re.MULTILINE).group(1))
     return pss, anon
 
 
@@ -132,7 +132,7 @@ def _worker(args) -> None:
     ref = ModelRef(path=args.model, dtype="float32")
     zero3 = args.mode.startswith("zero3")
     if zero3:
-        import deepspeed  # noqa: F401
+        import deepspeed
     if args.mode == "gang":
         from torch.distributed.device_mesh import init_device_mesh
 

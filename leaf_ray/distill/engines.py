@@ -172,7 +172,6 @@ def zero3_teacher(cfg: LeafConfig, world: int, accum: int, device):
     """The teacher partitioned across the ranks by DeepSpeed ZeRO-3 (inference only)."""
     from leaf_ray.distill.ds_ops import import_deepspeed
     from leaf_ray.distill.teacher import OnlineTeacher
-
     from leaf_ray.models import PRECISIONS, model_dtype
     from leaf_ray.partitioned_load import has_safetensors, load_zero3_partitioned
 
