@@ -44,9 +44,8 @@ def rank_batches(tokenizer) -> list[list[tuple]]:
 
 def _rank(rank: int, world: int, init_file: str, teacher: str, out_dir: str) -> None:
     import torch.distributed as dist
-    from torch.distributed.fsdp._fully_shard import _fsdp_param_group
-
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp._fully_shard import _fsdp_param_group
 
     from leaf_ray.detect.sharded_teacher import (
         dummy_batch,
