@@ -108,18 +108,17 @@ def build_student(cfg: LeafConfig, world: int, accum: int, total_steps: int, *, 
     deepspeed = import_deepspeed()
     from transformers import get_scheduler
 
-    from leaf_ray.models import PRECISIONS, compute_precision, load_model, load_tokenizer
-    from leaf_ray.partitioned_load import has_safetensors, load_zero3_partitioned
+    from leaf_ray.models import compute_precision, load_model, load_tokenizer
 
     dcfg = cfg.distill
     precision = compute_precision(dcfg.deepspeed.precision, on_cpu=torch.device(device).type == "cpu",
                                   force=cfg.models.student.force_dtype)
     conf = deepspeed_config(cfg, world, accum, zero_stage=dcfg.deepspeed.zero_stage, precision=precision)
-    if dcfg.deepspeed.zero_stage == 3 and has_safetensors(cfg.models.student):
-        # built partitioned, each rank reading only its partitions: no rank holds the whole student
-        model, _ = load_zero3_partitioned(cfg.models.student, PRECISIONS[precision], conf)
-    else:
-        model = load_model(cfg.models.student, dtype="float32")
+    # Loaded whole on every rank, then partitioned by deepspeed.initialize. The partitioned load
+    # (leaf_ray.partitioned_load.load_zero3_partitioned, measured by `leaf-ray bench load`) is not used for the
+    # trained student yet: its forward in training mode fails under transformers 5.25 ("Qwen2Attention object
+    # has no attribute _kernel_funcs", tests/test_trainer.py ZeRO-3) — an open item of issue 29.
+    model = load_model(cfg.models.student, dtype="float32")
     model.config.use_cache = False
     if with_loss:
         chunked = dcfg.chunked_lm_head and can_chunk_head(model, dcfg.deepspeed.zero_stage)
