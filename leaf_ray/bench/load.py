@@ -125,10 +125,11 @@ def _worker(args) -> None:
     import transformers.models.llama.modeling_llama  # noqa: F401  (imported before the baseline)
 
     from leaf_ray.config import ModelRef
+    from leaf_ray.distributed import barrier, init_group
 
     torch.set_num_threads(1)
     os.environ.update(RANK=str(args.rank), WORLD_SIZE=str(args.world), LOCAL_RANK=str(args.rank))
-    dist.init_process_group("gloo", init_method=f"file://{args.init}", rank=args.rank, world_size=args.world)
+    init_group(torch.device("cpu"), rank=args.rank, world_size=args.world, init_method=f"file://{args.init}")
     ref = ModelRef(path=args.model, dtype="float32")
     zero3 = args.mode.startswith("zero3")
     if zero3:
@@ -139,7 +140,7 @@ def _worker(args) -> None:
         from leaf_ray.detect.sharded_teacher import load_sharded_teacher, shard_frozen_teacher
         from leaf_ray.models import load_model
         mesh = init_device_mesh("cpu", (args.world,))
-    dist.barrier()
+    barrier()
     sampler = MemorySampler().start()
     loaded: dict = {}
     if args.mode == "gang":
@@ -166,7 +167,7 @@ def _worker(args) -> None:
         else:
             model.requires_grad_(False)
             model, *_ = deepspeed.initialize(model=model, config=conf)
-    dist.barrier()
+    barrier()
     peak = sampler.stop()
     out = {"rank": args.rank, "peak_pss": peak["pss"], "peak_anon": peak["anon"], "bytes_read": nbytes,
            "load_peak_pss": loaded.get("pss"), "load_peak_anon": loaded.get("anon")}
@@ -176,7 +177,7 @@ def _worker(args) -> None:
             out["logits_file"] = str(Path(args.out).with_suffix(".logits.pt"))
             torch.save(model(input_ids=ids).logits, out["logits_file"])
     Path(args.out).write_text(json.dumps(out))
-    dist.barrier()
+    barrier()
     dist.destroy_process_group()
 
 
