@@ -127,21 +127,17 @@ def test_our_manifests_pass():
     assert check_manifests(sorted(KUBERAY.glob("*.yaml"))) == 2
 
 
-@pytest.mark.parametrize("rule,change,expected", CLUSTER_CASES, ids=[c[0] for c in CLUSTER_CASES])
-def test_raycluster_rule(rule, change, expected):
-    doc = copy.deepcopy(CLUSTER)
+CASES = [("RayCluster", CLUSTER, *case) for case in CLUSTER_CASES] + [("RayJob", JOB, *case) for case in JOB_CASES]
+
+
+@pytest.mark.parametrize("kind,base,rule,change,expected", CASES, ids=[f"{c[0]}-{c[2]}" for c in CASES])
+def test_admission_rule(kind, base, rule, change, expected):
+    """Each rule, broken alone in a copy of our manifest: exactly one error, naming the object."""
+    doc = copy.deepcopy(base)
     change(doc)
     errors = admission_errors(doc)
     assert len(errors) == 1 and expected in errors[0], errors
-    assert errors[0].startswith(f"RayCluster {doc['metadata']['name']}: ")
-
-
-@pytest.mark.parametrize("rule,change,expected", JOB_CASES, ids=[c[0] for c in JOB_CASES])
-def test_rayjob_rule(rule, change, expected):
-    doc = copy.deepcopy(JOB)
-    change(doc)
-    errors = admission_errors(doc)
-    assert len(errors) == 1 and expected in errors[0], errors
+    assert errors[0].startswith(f"{kind} {doc['metadata']['name']}: ")
 
 
 def test_rayjob_embedded_cluster_gets_the_cluster_rules():
