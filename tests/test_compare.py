@@ -91,9 +91,12 @@ def test_markdown_and_csv(experiment):
     assert rows[0]["best"] == ""
 
 
-def test_cli_compare_prints_and_writes(experiment, tmp_path):
+def test_cli_compare_prints_and_writes(experiment, tmp_path, monkeypatch):
+    from leaf_ray import cli
     from leaf_ray.cli import app
 
+    # wide enough for every column whatever the worker's terminal (an xdist worker has none)
+    monkeypatch.setattr(cli.console, "_width", 200)
     md, out_csv = tmp_path / "out" / "table.md", tmp_path / "out" / "table.csv"
     result = CliRunner().invoke(app, ["compare", "--experiment", "paper", "--set",
                                       f"tracking.tracking_uri={experiment}", "--markdown", str(md),

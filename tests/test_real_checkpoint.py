@@ -105,6 +105,7 @@ class SimpleDistill:
     """The loss settings StudentWithLoss reads (the config defaults)."""
 
     lambda_, temperature, weighting, chunk_size = 0.5, 1.0, "lambda", 16
+    divergence, jsd_beta = "forward_kl", 0.5
 
 
 @pytest.mark.slow
