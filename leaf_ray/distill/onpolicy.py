@@ -120,13 +120,10 @@ class StudentGenerateSampler:
 
     def sample(self, prompts: list[np.ndarray]) -> Samples:
         sampling = self.sampling
-        width = max(len(p) for p in prompts)
-        # Left padding: every prompt ends at column `width`, where the sampled tokens start.
-        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for i, p in enumerate(prompts):
-            input_ids[i, width - len(p):] = torch.from_numpy(p)
-            attention_mask[i, width - len(p):] = 1
+        from leaf_ray.generate.backends import left_padded
+
+        input_ids, attention_mask = left_padded(prompts, self.pad_id)  # sampled tokens start at column `width`
+        width = input_ids.shape[1]
         kwargs: dict[str, Any] = {"max_new_tokens": sampling.max_new_tokens, "pad_token_id": self.pad_id,
                                   "eos_token_id": self.eos_ids, "use_cache": True, "synced_gpus": self.synced,
                                   "return_dict_in_generate": True, "output_logits": True}

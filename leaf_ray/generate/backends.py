@@ -43,6 +43,20 @@ def cut_at_stop(text: str, stop: list[str]) -> str:
     return text[:cut]
 
 
+def left_padded(prompts, pad_id: int):
+    """(input_ids, attention_mask) of token-id prompts padded on the left: every prompt ends at the same
+    column, so the generated tokens start at ``input_ids.shape[1]`` for all rows."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for i, p in enumerate(prompts):
+        input_ids[i, width - len(p):] = torch.as_tensor(p, dtype=torch.long)
+        attention_mask[i, width - len(p):] = 1
+    return input_ids, attention_mask
+
+
 def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
@@ -143,13 +157,8 @@ class TransformersBackend(GenerationBackend):
         import torch
 
         tok = self.tokenizer
-        width = max(len(p) for p in prompt_ids)
-        # Left padding: every prompt ends at the same column, so new tokens start at `width` for all rows.
-        input_ids = torch.full((len(prompt_ids), width), tok.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for i, p in enumerate(prompt_ids):
-            input_ids[i, width - len(p):] = torch.tensor(p)
-            attention_mask[i, width - len(p):] = 1
+        input_ids, attention_mask = left_padded(prompt_ids, tok.pad_token_id)
+        width = input_ids.shape[1]
         kwargs = {"max_new_tokens": max_new_tokens, "pad_token_id": tok.pad_token_id,
                   "eos_token_id": self.model.generation_config.eos_token_id or tok.eos_token_id}
         if temperature > 0:
