@@ -578,7 +578,8 @@ class FocusSizes(_Section):
     test: int = Field(300, ge=1, description="Held-out problems with 1-2 distractors each.")
 
 
-FocusVariant = Literal["kd", "leaf_instr", "leaf_instr_resp", "leaf_full", "oracle", "random_span"]
+FocusVariant = Literal["kd", "leaf_instr", "leaf_instr_resp", "leaf_full", "oracle", "random_span", "kd_on",
+                       "leaf_instr_on", "kd_mixed", "leaf_instr_mixed"]
 
 
 class FocusBenchConfig(_Section):
@@ -593,7 +594,8 @@ class FocusBenchConfig(_Section):
         default_factory=lambda: ["kd", "leaf_instr", "leaf_instr_resp"],
         description="kd = KD w/o mask at distill.epochs; leaf_full = Instr & Resp with detection.selection and "
         "detection.verification; oracle = counterfactuals removing the ground-truth distractor spans; "
-        "random_span = as many tokens per sample as detection pruned, at random spans.")
+        "random_span = as many tokens per sample as detection pruned, at random spans; kd_on / leaf_instr_on / "
+        "kd_mixed / leaf_instr_mixed = the same with distill.policy on / mixed (the student's own samples).")
     # The v2 controls (issue 12) are off by default (what `leaf-ray demo` runs); configs/bench-focus.yaml turns them on.
     steps_matched_kd: bool = Field(False, description="KD with the optimizer steps of each LeaF variant.")
     compute_matched: list[FocusVariant] = Field(
@@ -708,24 +710,45 @@ def config_from_dict(tree: dict[str, Any], source: str = "<dict>") -> LeafConfig
         raise ConfigError(_format_errors(err, source)) from None
 
 
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` on top of `base`: mappings merge key by key, anything else (lists included) replaces."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_tree(p: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The YAML mapping of `p`; a top-level `extends: other.yaml` (relative to `p`) is read first and `p`'s keys
+    are merged on top of it, so a variant config states only what differs."""
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}" + (f" (extended by {chain[-1]})" if chain else ""))
+    if p.resolve() in chain:
+        raise ConfigError(f"{p}: `extends` cycle: " + " -> ".join(str(c) for c in (*chain, p.resolve())))
+    try:
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{p}: top level must be a mapping, got {type(loaded).__name__}")
+    parent = loaded.pop("extends", None)
+    if parent is None:
+        return loaded
+    if not isinstance(parent, str):
+        raise ConfigError(f"{p}: `extends` must be the path of another config file, got {parent!r}")
+    return _merged(_read_tree(p.parent / parent, (*chain, p.resolve())), loaded)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> LeafConfig:
-    """Load YAML `path` (None = all defaults), apply `--set` overrides, validate."""
+    """Load YAML `path` (None = all defaults; `extends:` another file first), apply `--set` overrides, validate."""
     tree: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
         p = Path(path)
         source = str(p)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: top level must be a mapping, got {type(loaded).__name__}")
-        tree = copy.deepcopy(loaded)
+        tree = _read_tree(p)
     if overrides:
         for text in overrides:
             key, value = parse_override(text)

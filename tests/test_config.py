@@ -111,6 +111,34 @@ def test_bad_overrides_are_named(tmp_path):
         load_config(path, ["data.max_length.x=1"])
 
 
+def test_extends_merges_sections_and_replaces_lists(tmp_path):
+    """`extends:` reads another file first: mappings merge key by key, lists and scalars replace, the variant's
+    own keys win, and `--set` applies on top of both."""
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({
+        "run": {"name": "base", "seed": 3}, "data": {"max_length": 256},
+        "bench": {"focus": {"variants": ["kd", "leaf_instr", "oracle"], "seeds": 5}}}))
+    sub = tmp_path / "sub" / "variant.yaml"
+    sub.parent.mkdir()
+    sub.write_text(yaml.safe_dump({"extends": "../base.yaml", "run": {"name": "variant"},
+                                   "bench": {"focus": {"variants": ["kd_on"]}}}))
+    cfg = load_config(sub, ["data.max_length=128"])
+    assert (cfg.run.name, cfg.run.seed, cfg.data.max_length) == ("variant", 3, 128)
+    assert cfg.bench.focus.variants == ["kd_on"] and cfg.bench.focus.seeds == 5
+
+
+def test_extends_errors_name_the_files(tmp_path):
+    missing = _write(tmp_path, {"extends": "nowhere.yaml"})
+    with pytest.raises(ConfigError, match=rf"config file not found: .*nowhere\.yaml \(extended by {missing}\)"):
+        load_config(missing)
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"`extends` cycle: .*a\.yaml -> .*b\.yaml -> .*a\.yaml"):
+        load_config(tmp_path / "a.yaml")
+    bad = _write(tmp_path, {"extends": ["x.yaml"]})
+    with pytest.raises(ConfigError, match="`extends` must be the path of another config file"):
+        load_config(bad)
+
+
 def test_every_shipped_yaml_loads():
     files = sorted((REPO / "configs").glob("*.yaml")) + sorted((REPO / "configs").glob("*.yml"))
     assert files, "configs/ holds no YAML"

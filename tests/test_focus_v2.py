@@ -15,13 +15,17 @@ from leaf_ray.experiments.focus.controls import (
     Variant,
     base_variants,
     best_variant,
+    control_policy,
     detection_flops,
     distill_epoch_flops,
     epochs_for_steps,
+    generation_flops,
+    kd_control,
     kd_steps_for_flops,
     kd_steps_key,
     lambda_variants,
     oracle_counterfactuals,
+    parse_kd_steps_key,
     oracle_range,
     paired_bootstrap_ci,
     pruned_tokens,
@@ -218,6 +222,44 @@ def test_variant_plan_sweeps_and_best():
     assert kd_steps_key(123) == "kd_123steps"
 
 
+def test_on_policy_variants_and_their_controls():
+    """On-policy LeaF is matched against on-policy KD (does LeaF add anything on top?), on-policy KD against
+    off-policy KD (does sampling transfer more?); control keys name their policy and sort after off-policy."""
+    plan = base_variants(["kd", "kd_on", "leaf_instr_on", "kd_mixed", "leaf_instr_mixed"], [], 0.10)
+    by = {v.key: v for v in plan}
+    assert [(k, v.trainer, v.source, v.policy) for k, v in by.items()] == [
+        ("kd", "kd", None, "off"), ("kd_on", "kd", None, "on"), ("leaf_instr_on", "leaf_instr", "detect", "on"),
+        ("kd_mixed", "kd", None, "mixed"), ("leaf_instr_mixed", "leaf_instr", "detect", "mixed")]
+    assert [control_policy(by[k]) for k in by] == ["off", "off", "on", "off", "mixed"]
+    c = kd_control(126, "on")
+    assert (c.key, c.title, c.trainer, c.steps, c.policy) == ("kd_on_126steps", "On-policy KD, 126 steps", "kd",
+                                                               126, "on")
+    assert kd_control(33).key == kd_steps_key(33) == "kd_33steps" and kd_control(33).policy == "off"
+    assert [parse_kd_steps_key(k) for k in ("kd_33steps", "kd_on_126steps", "kd_mixed_7steps", "kd_on",
+                                            "kd_onsteps", "leaf_instr_q0.05")] == [
+        ("off", 33), ("on", 126), ("mixed", 7), None, None, None]
+    # the λ sweep of an on-policy variant stays on-policy; "best" is a LeaF variant, never KD on-policy
+    assert {v.policy for v in lambda_variants(by["leaf_instr_on"], [0.3, 0.5], 0.5)} == {"on"}
+    assert best_variant(plan, {"kd_on": 0.5, "leaf_instr_on": 0.01, "leaf_instr_mixed": 0.02}).key == \
+        "leaf_instr_mixed"
+
+    from leaf_ray.experiments.focus.results import FocusBenchResult, ordered_keys
+
+    keys = ["teacher", "kd", "kd_on", "leaf_instr_on", "kd_on_126steps", "kd_130steps", "kd_mixed_40steps",
+            "kd_on_40steps"]
+    result = FocusBenchResult([], {}, {}, {}, titles=dict.fromkeys(keys, ""))
+    assert ordered_keys(result) == ["teacher", "kd", "kd_on", "leaf_instr_on", "kd_130steps", "kd_on_40steps",
+                                    "kd_on_126steps", "kd_mixed_40steps"]
+
+
+def test_on_policy_flops_add_the_students_sampling():
+    s = Shape(hidden=64, layers=1, heads=1, kv_heads=1, intermediate=64, vocab=100)
+    lens, targets = [10, 20, 7], [3, 5, 2]
+    # a KV-cached generation runs each token's matmuls once: one forward over prompt + response
+    assert generation_flops(lens, targets, s) == forward_flops(s, lens, 10)
+    assert 0 < generation_flops(lens, targets, s) < training_flops(s, lens, 10) / 2
+
+
 def test_quick_config_and_yaml(tmp_path):
     from leaf_ray.config import load_config
     from leaf_ray.experiments.focus.run import quick_config, settings_of
@@ -238,6 +280,12 @@ def test_quick_config_and_yaml(tmp_path):
 
     d = FocusBenchConfig()
     assert not d.steps_matched_kd and d.compute_matched == [] and d.tau_sweep == [] and d.lambda_sweep == []
+    # the on-policy benchmark extends this one: the same task, models and schedule, its own variants and run dir
+    on = load_config("configs/bench-focus-onpolicy.yaml")
+    assert on.run.name != cfg.run.name and on.bench.focus.prepare == f.prepare and on.distill.epochs == \
+        cfg.distill.epochs and on.data == cfg.data and on.bench.focus.seeds == f.seeds
+    assert {"kd", "kd_on", "leaf_instr_on"} <= set(on.bench.focus.variants) and on.bench.focus.steps_matched_kd
+    assert on.distill.policy == "off", "the policy is each variant's; KD w/o mask stays off-policy"
 
 
 def test_runs_tables_and_compare_titles():

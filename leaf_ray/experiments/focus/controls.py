@@ -26,7 +26,14 @@ training row of T tokens with n target tokens, a student training pass (forward 
 teacher forward, both with n LM-head rows — the teacher's forward on the counterfactual rows included. A run of
 ``steps`` optimizer steps is ``steps / steps_per_epoch`` of that. Stage 1 detection, where it is counted, is a
 saliency pass (forward + input-only backward) of both models per scored unit. Compute-matched KD is KD run for
-``round(F_variant / F_kd_per_step)`` steps.
+``round(F_variant / F_kd_per_step)`` steps. On-policy rows add the student's sampling
+(:func:`generation_flops`: one forward over prompt + response with a KV cache, the dataset's response length
+standing in for the sampled one), times ``distill.on_policy_fraction`` for ``mixed``.
+
+**On-policy variants** (``kd_on``, ``leaf_instr_on``, ``kd_mixed``, ``leaf_instr_mixed``): ``distill.policy``
+on / mixed with the same trainer. Their KD controls (:func:`control_policy`): LeaF on-policy against KD
+on-policy for the same steps or FLOPs (does LeaF add anything on top?); KD on-policy against off-policy KD
+(does sampling transfer more of the teacher?).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -158,6 +166,14 @@ def distill_epoch_flops(seq_lens: Sequence[int], target_tokens: Sequence[int], s
     return training_flops(student, seq_lens, heads) + forward_flops(teacher, seq_lens, heads)
 
 
+def generation_flops(seq_lens: Sequence[int], target_tokens: Sequence[int], student) -> float:
+    """The student sampling a response to every row's prompt: with a KV cache each token's matmuls run once,
+    so one forward over prompt + response, LM-head rows = response tokens."""
+    from leaf_ray.bench.flops import forward_flops
+
+    return forward_flops(student, seq_lens, int(sum(target_tokens)))
+
+
 def detection_flops(seq_lens: Sequence[int], target_tokens: Sequence[int], student, teacher) -> float:
     """Stage 1 over these scored units: a saliency pass of both models."""
     from leaf_ray.bench.flops import saliency_flops
@@ -199,14 +215,37 @@ class Variant:
     lambda_: float | None = None  # None: distill.lambda
     steps: int | None = None  # KD controls: distill.max_steps
     control: bool = False  # oracle / random: bounds, not contenders for "best"
+    policy: str = "off"  # distill.policy: off (fixed responses) | on (the student's samples) | mixed
+
+
+POLICY_TITLES = {"off": "KD w/o mask", "on": "On-policy KD", "mixed": "Mixed KD"}
+
+
+def control_policy(variant: Variant) -> str:
+    """The policy of a variant's KD controls: an on-policy (or mixed) LeaF variant is matched against KD of the
+    same policy (does LeaF add anything on top?); on-policy (or mixed) KD itself against off-policy KD (does
+    sampling transfer more?)."""
+    return "off" if variant.trainer == "kd" else variant.policy
 
 
 def fmt_q(q: float) -> str:
     return f"{q:.2f}"
 
 
-def kd_steps_key(steps: int) -> str:
-    return f"kd_{steps}steps"
+def kd_steps_key(steps: int, policy: str = "off") -> str:
+    return f"kd_{steps}steps" if policy == "off" else f"kd_{policy}_{steps}steps"
+
+
+def parse_kd_steps_key(key: str) -> tuple[str, int] | None:
+    """``kd_126steps`` -> ("off", 126), ``kd_on_126steps`` -> ("on", 126); None for any other key."""
+    match = re.fullmatch(r"kd_(?:(on|mixed)_)?(\d+)steps", key)
+    return (match.group(1) or "off", int(match.group(2))) if match else None
+
+
+def kd_control(steps: int, policy: str = "off") -> Variant:
+    """KD (of `policy`) run for `steps` optimizer steps: a steps- or compute-matched control."""
+    return Variant(kd_steps_key(steps, policy), f"{POLICY_TITLES[policy]}, {steps} steps", "kd", steps=steps,
+                   policy=policy)
 
 
 def base_variants(variants: Sequence[str], tau_sweep: Sequence[float], base_quantile: float) -> list[Variant]:
@@ -221,6 +260,13 @@ def base_variants(variants: Sequence[str], tau_sweep: Sequence[float], base_quan
         "oracle": Variant("oracle", "Oracle LeaF (ground-truth spans)", "leaf_instr", "oracle", control=True),
         "random_span": Variant("random_span", "Random-span LeaF (same tokens per sample)", "leaf_instr", "random",
                                control=True),
+        # On-policy distillation (docs/on-policy.md): the student samples its own responses to the same prompts
+        # (originals, and for LeaF their counterfactuals) and the teacher scores those tokens.
+        "kd_on": Variant("kd_on", "On-policy KD", "kd", policy="on"),
+        "leaf_instr_on": Variant("leaf_instr_on", "On-policy LeaF (Instr)", "leaf_instr", "detect", policy="on"),
+        "kd_mixed": Variant("kd_mixed", "Mixed KD (on- and off-policy micro-batches)", "kd", policy="mixed"),
+        "leaf_instr_mixed": Variant("leaf_instr_mixed", "Mixed LeaF (Instr)", "leaf_instr", "detect",
+                                    policy="mixed"),
     }
     out = [table[v] for v in variants]
     for q in tau_sweep:
@@ -234,10 +280,10 @@ def base_variants(variants: Sequence[str], tau_sweep: Sequence[float], base_quan
 def lambda_variants(best: Variant, lambdas: Sequence[float], base_lambda: float) -> list[Variant]:
     """λ sweep of the best variant (λ = ``distill.lambda`` is the variant itself)."""
     return [Variant(f"{best.key}_lam{lam:.1f}", f"{best.title}, λ = {lam:.1f}", best.trainer, best.source,
-                    lambda_=lam) for lam in lambdas if not math.isclose(lam, base_lambda)]
+                    lambda_=lam, policy=best.policy) for lam in lambdas if not math.isclose(lam, base_lambda)]
 
 
 def best_variant(candidates: Sequence[Variant], mean_diff: dict[str, float]) -> Variant | None:
     """The non-control LeaF variant with the largest mean paired difference over its steps-matched KD."""
-    scored = [v for v in candidates if v.source and not v.control and v.key in mean_diff]
+    scored = [v for v in candidates if v.source and not v.control and v.key in mean_diff]  # LeaF only
     return max(scored, key=lambda v: mean_diff[v.key]) if scored else None

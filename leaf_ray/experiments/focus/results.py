@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from leaf_ray.config import LeafConfig
-from leaf_ray.experiments.focus.controls import PairedDiff, Variant, paired_bootstrap_ci
+from leaf_ray.experiments.focus.controls import PairedDiff, Variant, paired_bootstrap_ci, parse_kd_steps_key
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -129,8 +129,9 @@ def ordered_keys(result: FocusBenchResult) -> list[str]:
     """Teacher, Pre-KD, KD, the LeaF variants in run order, then the KD controls by steps."""
     keys = list(result.titles) or ([v for v in VARIANT_TITLES if v in result.accuracy]
                                    + [v for v in result.accuracy if v not in VARIANT_TITLES])
-    controls = sorted((k for k in keys if k.startswith("kd_") and k.endswith("steps")),
-                      key=lambda k: int(k[3:-5]))
+    order = {"off": 0, "on": 1, "mixed": 2}
+    controls = sorted((k for k in keys if parse_kd_steps_key(k)),
+                      key=lambda k: (order[parse_kd_steps_key(k)[0]], parse_kd_steps_key(k)[1]))
     return [k for k in keys if k not in controls] + controls
 
 
@@ -288,7 +289,8 @@ lr {cfg.distill.lr}, λ = {cfg.distill.lambda_} unless named. Attention = mean a
 from the response positions onto the distractor tokens of {focus.attention_samples} test problems
 (teacher-forced reference solution, mean over layers and heads, summed over the distractor columns; uniform =
 the mass if attention were spread evenly). Steps = optimizer steps. KD controls ("KD w/o mask, N steps") are KD
-run for N steps: steps-matched to a LeaF variant, or compute-matched (TFLOPs: student training + the
+run for N steps: steps-matched to a LeaF variant, or compute-matched; an on-policy (mixed) LeaF variant's
+controls are on-policy (mixed) KD, on-policy KD's are off-policy KD (`distill.policy`, docs/on-policy.md) (TFLOPs: student training + the
 teacher's forward on every row, counterfactuals included{", + Stage 1 saliency of both models" if
 focus.count_detection_flops else ""}; `leaf_ray/experiments/focus/controls.py`).
 

@@ -42,9 +42,10 @@ from leaf_ray.experiments.focus.controls import (
     Variant,
     base_variants,
     best_variant,
+    control_policy,
     epochs_for_steps,
+    kd_control,
     kd_steps_for_flops,
-    kd_steps_key,
     lambda_variants,
     run_flops,
 )
@@ -149,21 +150,33 @@ def run_focus_bench(cfg: LeafConfig, *, prepare: bool = False, console: Console 
         return runs.add(variant, stage(root, f"seed-{k}-{variant.key}", console, lambda: distill_variant(
             base, root, k, variant, sources, parent_id, attention_samples, kd_per_epoch, console), seconds), k)
 
-    def kd_control(steps: int) -> Variant:
-        """KD w/o mask run for `steps` optimizer steps (epochs raised so they are not cut short)."""
-        runs.flops.setdefault(kd_steps_key(steps), {"total": run_flops(kd_flops["epoch"], steps, kd_per_epoch)})
-        return Variant(kd_steps_key(steps), f"KD w/o mask, {steps} steps", "kd", steps=steps)
+    def kd_epoch_flops(policy: str) -> float:
+        """FLOPs of one KD epoch of `policy` (on-policy adds the student's sampling)."""
+        if policy == "off":
+            return kd_flops["epoch"]
+        variant = Variant(f"kd_{policy}", f"KD {policy}", "kd", policy=policy)
+        return flops_of(variant, kd_per_epoch * base.distill.epochs)["epoch"]
+
+    def control(k: int, steps: int, policy: str) -> dict:
+        """KD of `policy` run for `steps` optimizer steps (epochs raised so they are not cut short); the seed's
+        own KD run when that is the same run."""
+        if policy == "off" and steps == kd_runs[k]["steps"]:
+            return kd_runs[k]
+        variant = kd_control(steps, policy)
+        runs.flops.setdefault(variant.key, {"total": run_flops(kd_epoch_flops(policy), steps, kd_per_epoch)})
+        return train(k, variant)
 
     def controls(k: int, variant: Variant, info: dict) -> None:
         accounting = runs.flops[variant.key] = flops_of(variant, info["steps"])
+        policy = control_policy(variant)
         if focus.steps_matched_kd:
-            runs.match(variant, "steps", train(k, kd_control(info["steps"])))
+            runs.match(variant, "steps", control(k, info["steps"], policy))
         if variant.key in focus.compute_matched:
-            n = kd_steps_for_flops(accounting["total"], kd_flops["epoch"], kd_per_epoch)
-            runs.match(variant, "flops", train(k, kd_control(n)))
+            n = kd_steps_for_flops(accounting["total"], kd_epoch_flops(policy), kd_per_epoch)
+            runs.match(variant, "flops", control(k, n, policy))
 
     kd = Variant("kd", VARIANT_TITLES["kd"], "kd")
-    kd_per_epoch, kd_flops, flops_cache = 0, {}, {}
+    kd_per_epoch, kd_flops, flops_cache, kd_runs = 0, {}, {}, {}
 
     def flops_of(variant: Variant, steps: int) -> dict:
         if variant.key not in flops_cache:  # rows and steps are the same for every seed
@@ -177,7 +190,7 @@ def run_focus_bench(cfg: LeafConfig, *, prepare: bool = False, console: Console 
             for variant in plan:
                 runs.flops[variant.key] = flops_of(variant, train(k, variant)["steps"])
             continue
-        kd_info = train(k, kd)
+        kd_info = kd_runs[k] = train(k, kd)
         kd_per_epoch = max(1, kd_info["steps"] // base.distill.epochs)
         if not kd_flops:
             kd_flops = stage(root, "flops-kd", console, lambda kd_info=kd_info, per_epoch=kd_per_epoch: variant_flops(
@@ -473,6 +486,7 @@ def variant_run_config(base: LeafConfig, root: Path, k: int, variant: Variant, s
     cfg = base.model_copy(deep=True)
     cfg.run.root_dir, cfg.run.name = str(root / f"seed-{k}"), variant.key
     cfg.run.seed = base.run.seed + k
+    cfg.distill.policy = variant.policy
     if variant.lambda_ is not None:
         cfg.distill.lambda_ = variant.lambda_
     if variant.steps is not None:
@@ -515,7 +529,12 @@ def variant_flops(base: LeafConfig, root: Path, variant: Variant, sources: dict[
 
     from leaf_ray.bench.flops import Shape
     from leaf_ray.distill.data import load_rows, tokenize_row
-    from leaf_ray.experiments.focus.controls import detection_flops, distill_epoch_flops, run_flops
+    from leaf_ray.experiments.focus.controls import (
+        detection_flops,
+        distill_epoch_flops,
+        generation_flops,
+        run_flops,
+    )
     from leaf_ray.models import load_tokenizer
     from leaf_ray.store import read_parquet_dir
 
@@ -534,6 +553,8 @@ def variant_flops(base: LeafConfig, root: Path, variant: Variant, sources: dict[
             lens.append(len(ids))
             targets.append(n_targets)
     epoch = distill_epoch_flops(lens, targets, student, teacher)
+    sampled = {"off": 0.0, "on": 1.0, "mixed": base.distill.on_policy_fraction}[variant.policy]
+    epoch += sampled * generation_flops(lens, targets, student)
     out = {"epoch": epoch, "train_rows": len(lens), "train_tokens": sum(lens), "steps": steps,
            "per_epoch": per_epoch, "distill": run_flops(epoch, steps, per_epoch), "detection": 0.0}
     if detection and variant.source and variant.source.startswith("detect"):
