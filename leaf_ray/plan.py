@@ -15,8 +15,11 @@ sharing a model, ``B × T`` = sequences × tokens of one step on that rank):
 - activations per token per layer, in elements: :data:`SALIENCY_ACT` (forward + input-gradient backward of a
   frozen model: no tensor is kept for weight gradients) or :data:`TRAINING_ACT` (the student), × layers; with
   gradient checkpointing only each block's input (``H``) per layer plus one block's full set;
-- logits: :data:`LOGIT_COPIES` ``B·T·V`` fp32 tensors live at the peak (logits, log-softmax, gradient);
-  the student's chunked head (ZeRO < 3) keeps ``chunk_size`` positions instead of ``T``;
+- logits: saliency :data:`LOGIT_COPIES` ``B·T·V`` fp32 tensors live at the peak (logits, log-softmax,
+  gradient). The student's hybrid KL (:mod:`leaf_ray.distill.loss`) visits ``distill.chunk_size`` target
+  positions of the whole micro-batch at a time and holds :data:`KL_CHUNK_COPIES` fp32 ``[chunk, V]`` tensors
+  per chunk; with its chunked head (ZeRO < 3) that is all, otherwise the model's ``B·T·V`` logits and their
+  gradient buffer (both in the compute dtype) are live beside it;
 - vLLM: weights ``P·b/tp`` plus the KV cache of one ``max_model_len`` sequence
   (``2·L·kv_heads·head_dim·b`` per token) must fit ``gpu_memory_utilization`` of the GPU.
 
@@ -47,6 +50,10 @@ KNOWN_SHAPES = {
 SALIENCY_ACT = (8, 3)   # 8·H + 3·I: norms, attention inputs/outputs, the gated MLP's elementwise inputs
 TRAINING_ACT = (10, 4)  # plus the inputs of every linear layer (kept for the weight gradients)
 LOGIT_COPIES = 3
+# fp32 [chunk, V] tensors of one hybrid-KL chunk: the student's logits, its log-probabilities, the teacher's,
+# and the gradient rows (measured on CPU: 3.6-4 with forward/reverse KL, one more with JSD). The chunk is
+# `chunk_size` target positions of the whole micro-batch (packed row-major), not chunk_size per sequence.
+KL_CHUNK_COPIES = 4
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp32": 4, "bf16": 2, "fp16": 2}
 
 
@@ -180,8 +187,11 @@ def training_peak(student: Shape, s_tied: bool, teacher: Shape, t_tied: bool, *,
         parts["student gathered"] = gathered_bytes(student, s_tied, b)
     tokens = batch * length
     parts["student activations"] = activation_bytes(student, tokens, b, TRAINING_ACT, False)
-    rows = batch * min(chunk_size, length) if chunked_head else tokens
-    parts["student logits"] = logits_bytes(student, rows)
+    # One KL chunk is chunk_size positions of the whole micro-batch (leaf_ray.distill.loss._run_chunks); the
+    # chunked head builds only those logits, else the model's [B, T, V] logits and their gradient buffer are
+    # live too. (Counting chunk_size rows per sequence, as this did before, overestimated a CPU step by 29 %.)
+    kl_chunk = KL_CHUNK_COPIES * min(chunk_size, tokens) * student.vocab * 4
+    parts["student logits"] = kl_chunk + (0 if chunked_head else 2 * tokens * student.vocab * b)
     if teacher_mode != "topk_cache":
         pt = n_params(teacher, t_tied)
         parts["teacher weights"] = pt * teacher_b / (world if teacher_mode == "zero3" else 1)
