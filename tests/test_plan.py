@@ -36,7 +36,13 @@ def test_every_paper_config_fits_its_worker_groups(path, cluster):
     for p in plans:
         assert p.group in cluster.groups, p
         assert p.fits, (p.stage, p.rank, {k: round(v / GIB, 1) for k, v in p.parts.items()}, p.gpu_budget / GIB)
-        assert p.seconds is None or p.seconds > 0
+        assert p.seconds is None or p.seconds > 0 and p.throughput > 0
+    gang = next(p for p in plans if p.rank.startswith("teacher gang rank"))
+    tp = cfg.detection.teacher_pool
+    teacher, tied = model_shape(cfg.models.teacher, "teacher")
+    # batch_size is per gang rank (the gang's Ray Data batch is batch_size × world_size)
+    assert gang.parts == saliency_peak(teacher, tied, batch=tp.batch_size, length=cfg.data.max_length, b=2,
+                                       checkpointing=cfg.detection.gradient_checkpointing, shards=tp.world_size)
 
 
 def test_strict_refuses_a_config_that_does_not_fit_and_names_the_key():
@@ -45,8 +51,10 @@ def test_strict_refuses_a_config_that_does_not_fit_and_names_the_key():
     from leaf_ray.cli import app
 
     args = ["plan", "--config", str(PAPER[0]), "--strict"]
-    ok = CliRunner().invoke(app, args)
+    ok = CliRunner().invoke(app, args + ["--samples", "12000", "--markdown"])
     assert ok.exit_code == 0, ok.output
+    assert "| distill | training worker (1 of 8, ZeRO-3, teacher zero3) | train |" in ok.output
+    assert "units/s |" in ok.output and "rows/s |" in ok.output
     bad = CliRunner().invoke(app, args + ["--set", "detection.student_pool.batch_size=64"])
     assert bad.exit_code == 1
     assert "detection.student_pool.batch_size" in bad.output
