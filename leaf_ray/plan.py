@@ -194,7 +194,7 @@ def training_peak(student: Shape, s_tied: bool, teacher: Shape, t_tied: bool, *,
     parts["student activations"] = activation_bytes(student, tokens, b, TRAINING_ACT, False)
     # One KL chunk is chunk_size positions of the whole micro-batch (leaf_ray.distill.loss._run_chunks); the
     # chunked head builds only those logits, else the model's [B, T, V] logits and their gradient buffer are
-    # live too. (Counting chunk_size rows per sequence, as this did before, overestimated a CPU step by 29 %.)
+    # live too. (Counting chunk_size rows per sequence, as this did before, overestimated a CPU step by 30 %.)
     kl_chunk = KL_CHUNK_COPIES * min(chunk_size, tokens) * student.vocab * 4
     parts["student logits"] = kl_chunk + (0 if chunked_head else 2 * tokens * student.vocab * b)
     if teacher_mode != "topk_cache":
@@ -327,7 +327,7 @@ COLUMNS = ("stage", "rank", "group", "GPU memory parts", "GPU total / budget", "
            "throughput", "verdict")
 
 
-def rows(plans: list[RankPlan]) -> list[tuple[str, ...]]:
+def table_rows(plans: list[RankPlan]) -> list[tuple[str, ...]]:
     """One row of :data:`COLUMNS` per rank kind (GiB per GPU; host GiB per node)."""
     out = []
     for p in plans:
@@ -343,7 +343,7 @@ def render(plans: list[RankPlan], console, markdown: bool = False) -> None:
     """The plan as a terminal table, or (``markdown``) as a Markdown table for docs."""
     if markdown:
         lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-        lines += ["| " + " | ".join(row) + " |" for row in rows(plans)]
+        lines += ["| " + " | ".join(row) + " |" for row in table_rows(plans)]
         print("\n".join(lines))
         return
     from rich.table import Table
@@ -351,6 +351,6 @@ def render(plans: list[RankPlan], console, markdown: bool = False) -> None:
     table = Table(title="leaf-ray plan (GiB per GPU; time at the stated MFU)")
     for col in COLUMNS:
         table.add_column(col)
-    for row in rows(plans):
+    for row in table_rows(plans):
         table.add_row(*row)
     console.print(table)

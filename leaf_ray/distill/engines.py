@@ -101,8 +101,8 @@ def build_student(cfg: LeafConfig, world: int, accum: int, total_steps: int, *, 
     """The student as a DeepSpeed engine with a client AdamW and a warm-up + decay LR schedule, on ``device``.
 
     Loaded in float32: DeepSpeed's bf16/fp16 mode casts the module and keeps the fp32 master weights in the
-    optimizer. ZeRO-3 with a safetensors checkpoint: built partitioned (:func:`load_zero3_partitioned`). ``with_loss``: the engine wraps :class:`StudentWithLoss` (the trainer); else the bare LM
-    (benchmarks)."""
+    optimizer. ZeRO-3 with a safetensors checkpoint: built partitioned instead (:func:`load_zero3_partitioned`).
+    ``with_loss``: the engine wraps :class:`StudentWithLoss` (the trainer); else the bare LM (benchmarks)."""
     from leaf_ray.distill.ds_ops import import_deepspeed
 
     deepspeed = import_deepspeed()
