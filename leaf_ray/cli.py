@@ -244,7 +244,7 @@ ManifestOpt = Annotated[str, typer.Option(help="KubeRay RayCluster manifest givi
 
 
 def _plan(cfg: LeafConfig, manifest: str, gpu_mem_gb: float, bandwidth_gbps: float, gpu_tflops: float,
-          mfu: float, samples: int | None, mean_tokens: int | None, strict: bool) -> None:
+          mfu: float, samples: int | None, mean_tokens: int | None, strict: bool, markdown: bool = False) -> None:
     from leaf_ray.plan import GIB, PlanError, cluster_from_manifest, plan, render
 
     try:
@@ -254,7 +254,7 @@ def _plan(cfg: LeafConfig, manifest: str, gpu_mem_gb: float, bandwidth_gbps: flo
     except (PlanError, OSError) as e:
         err_console.print(f"[red]plan: {e}[/red]")
         raise typer.Exit(2) from None
-    render(plans, console)
+    render(plans, console, markdown=markdown)
     misfits = [p for p in plans if not p.fits]
     if strict and misfits:
         for p in misfits:
@@ -277,11 +277,12 @@ def plan_cmd(
     mean_tokens: Annotated[Optional[int], typer.Option(help="Mean tokens per record (default max_length/2).")] =
         None,
     strict: Annotated[bool, typer.Option("--strict", help="Exit 1 when a stage does not fit.")] = False,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print the table as Markdown (for docs).")] = False,
 ) -> None:
     """Per stage and rank kind: GPU memory (weights, gathered blocks, activations, optimizer, logits, vLLM),
     host memory at load, time at the stated MFU, and whether it fits (docs/large-teachers.md)."""
     _plan(resolve(config, set_), manifest, gpu_mem_gb, bandwidth_gbps, gpu_tflops, mfu, samples, mean_tokens,
-          strict)
+          strict, markdown)
 
 
 @app.command()

@@ -211,9 +211,19 @@ def load_fsdp_sharded(ref, dtype: str, shard, device: torch.device | str = "cpu"
 
 
 @contextlib.contextmanager
-def zero3_init(ds_config: dict, dtype: torch.dtype):
+def zero3_init(ds_config: dict, dtype: torch.dtype, device: torch.device | str = "cpu"):
     """Modules constructed inside are partitioned by ZeRO-3 as they are built, their weight init skipped
-    (the same contexts transformers enters under its DeepSpeed integration)."""
+    (the same contexts transformers enters under its DeepSpeed integration), their partitions on `device`.
+
+    Import the modules' classes before entering (:func:`load_zero3_partitioned` does): zero.Init hooks
+    ``nn.Module.__init_subclass__``, so a class defined inside has DeepSpeed's copy of its ``__init__`` taken
+    before any class decorator runs, and on exit DeepSpeed puts that undecorated ``__init__`` back. Under
+    transformers 5.25 with `kernels` installed, ``@use_kernelized_func`` (Qwen2Attention, LlamaAttention, ...)
+    wraps ``__init__`` to set ``_kernel_funcs``, which its ``forward`` reads: every such module built after the
+    context in that process (the whole-loaded teacher, the validation copy) then fails with "object has no
+    attribute '_kernel_funcs'"."""
+    import os
+
     import deepspeed
     from transformers.initialization import no_init_weights
     from transformers.integrations.deepspeed import prevent_arange_dtype_change
@@ -228,18 +238,35 @@ def zero3_init(ds_config: dict, dtype: torch.dtype):
     # zero.Init reads the world size from DeepSpeed's comm layer: join it to the torch process group first
     # (deepspeed.initialize would do so only later), else it checks the batch sizes against a world of 1.
     deepspeed.init_distributed()
-    with no_init_weights(), prevent_arange_dtype_change(), deepspeed.zero.Init(config_dict_or_path=ds_config):
-        yield
+    # zero.Init puts partitions on the accelerator's device number LOCAL_RANK, which under Ray Train need not
+    # be the index of the GPU this worker was given (the reason for deepspeed_args in leaf_ray.distill.engines)
+    device = torch.device(device)
+    local_rank = os.environ.get("LOCAL_RANK")
+    if device.type == "cuda":
+        os.environ["LOCAL_RANK"] = str(device.index or 0)
+    try:
+        with no_init_weights(), prevent_arange_dtype_change(), deepspeed.zero.Init(config_dict_or_path=ds_config):
+            yield
+    finally:
+        if device.type == "cuda":
+            if local_rank is None:
+                os.environ.pop("LOCAL_RANK", None)
+            else:
+                os.environ["LOCAL_RANK"] = local_rank
 
 
-def load_zero3_partitioned(ref, dtype: str, ds_config: dict):
-    """`ref`'s model built under ``deepspeed.zero.Init`` (ZeRO-3 partitions, never whole on a rank), then each
-    rank's flat partition of every parameter read from the checkpoint. Returns ``(model, bytes read)``."""
+def load_zero3_partitioned(ref, dtype: str, ds_config: dict, device: torch.device | str = "cpu"):
+    """`ref`'s model built under ``deepspeed.zero.Init`` (ZeRO-3 partitions on `device`, never whole on a
+    rank), then each rank's flat partition of every parameter read from the checkpoint. Returns
+    ``(model, bytes read)``."""
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     path, config, torch_dtype = _build_kwargs(ref, dtype)
-    with zero3_init(ds_config, torch_dtype):
+    # the model's classes defined (its modeling module imported) outside zero.Init: see zero3_init
+    MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    with zero3_init(ds_config, torch_dtype, device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     model.tie_weights()  # as transformers does after zero.Init: the partitioned head and embedding are one again
     names = _param_names(model)

@@ -15,8 +15,11 @@ sharing a model, ``B × T`` = sequences × tokens of one step on that rank):
 - activations per token per layer, in elements: :data:`SALIENCY_ACT` (forward + input-gradient backward of a
   frozen model: no tensor is kept for weight gradients) or :data:`TRAINING_ACT` (the student), × layers; with
   gradient checkpointing only each block's input (``H``) per layer plus one block's full set;
-- logits: :data:`LOGIT_COPIES` ``B·T·V`` fp32 tensors live at the peak (logits, log-softmax, gradient);
-  the student's chunked head (ZeRO < 3) keeps ``chunk_size`` positions instead of ``T``;
+- logits: saliency :data:`LOGIT_COPIES` ``B·T·V`` fp32 tensors live at the peak (logits, log-softmax,
+  gradient). The student's hybrid KL (:mod:`leaf_ray.distill.loss`) visits ``distill.chunk_size`` target
+  positions of the whole micro-batch at a time and holds :data:`KL_CHUNK_COPIES` fp32 ``[chunk, V]`` tensors
+  per chunk; with its chunked head (ZeRO < 3) that is all, otherwise the model's ``B·T·V`` logits and their
+  gradient buffer (both in the compute dtype) are live beside it;
 - vLLM: weights ``P·b/tp`` plus the KV cache of one ``max_model_len`` sequence
   (``2·L·kv_heads·head_dim·b`` per token) must fit ``gpu_memory_utilization`` of the GPU.
 
@@ -28,7 +31,6 @@ gather) at the intra-node bandwidth. Compute and communication are added (no ove
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +49,10 @@ KNOWN_SHAPES = {
 SALIENCY_ACT = (8, 3)   # 8·H + 3·I: norms, attention inputs/outputs, the gated MLP's elementwise inputs
 TRAINING_ACT = (10, 4)  # plus the inputs of every linear layer (kept for the weight gradients)
 LOGIT_COPIES = 3
+# fp32 [chunk, V] tensors of one hybrid-KL chunk: the student's logits, its log-probabilities, the teacher's,
+# and the gradient rows (measured on CPU: 3.6-4 with forward/reverse KL, one more with JSD). The chunk is
+# `chunk_size` target positions of the whole micro-batch (packed row-major), not chunk_size per sequence.
+KL_CHUNK_COPIES = 4
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp32": 4, "bf16": 2, "fp16": 2}
 
 
@@ -146,6 +152,12 @@ class RankPlan:
     host_budget: float
     seconds: float | None = None
     fix: str = ""
+    items: float | None = None  # what the stage processes in `seconds` (saliency units, training rows)
+    item: str = ""
+
+    @property
+    def throughput(self) -> float | None:
+        return self.items / self.seconds if self.items and self.seconds else None
 
     @property
     def gpu_total(self) -> float:
@@ -180,8 +192,11 @@ def training_peak(student: Shape, s_tied: bool, teacher: Shape, t_tied: bool, *,
         parts["student gathered"] = gathered_bytes(student, s_tied, b)
     tokens = batch * length
     parts["student activations"] = activation_bytes(student, tokens, b, TRAINING_ACT, False)
-    rows = batch * min(chunk_size, length) if chunked_head else tokens
-    parts["student logits"] = logits_bytes(student, rows)
+    # One KL chunk is chunk_size positions of the whole micro-batch (leaf_ray.distill.loss._run_chunks); the
+    # chunked head builds only those logits, else the model's [B, T, V] logits and their gradient buffer are
+    # live too. (Counting chunk_size rows per sequence, as this did before, overestimated a CPU step by 30 %.)
+    kl_chunk = KL_CHUNK_COPIES * min(chunk_size, tokens) * student.vocab * 4
+    parts["student logits"] = kl_chunk + (0 if chunked_head else 2 * tokens * student.vocab * b)
     if teacher_mode != "topk_cache":
         pt = n_params(teacher, t_tied)
         parts["teacher weights"] = pt * teacher_b / (world if teacher_mode == "zero3" else 1)
@@ -218,7 +233,8 @@ def plan(cfg, cluster: Cluster, *, samples: int | None = None, mean_tokens: int 
         sec = samples * passes * saliency_flops(student, [tok], tok) / flops_rate / max(1, pool.max_actors)
     out.append(RankPlan("detect", "student saliency actor", gname, max(1, int(pool.num_gpus)), parts,
                         cluster.gpu_mem_bytes * max(1, pool.num_gpus), n_params(student, s_tied) * db,
-                        g["host_bytes"], sec, "detection.student_pool.batch_size or detection.gradient_checkpointing"))
+                        g["host_bytes"], sec, "detection.student_pool.batch_size or detection.gradient_checkpointing",
+                        items=samples and samples * passes, item="units"))
 
     # Stage 1: teacher saliency
     tp = det.teacher_pool
@@ -226,8 +242,8 @@ def plan(cfg, cluster: Cluster, *, samples: int | None = None, mean_tokens: int 
     pt = n_params(teacher, t_tied)
     if tp.mode == "sharded":
         world = tp.world_size
-        per_rank = math.ceil(tp.batch_size / world)
-        parts = saliency_peak(teacher, t_tied, batch=per_rank, length=length, b=db,
+        # a gang rank scores its own batch_size units (the gang's Ray Data batch is batch_size × world_size)
+        parts = saliency_peak(teacher, t_tied, batch=tp.batch_size, length=length, b=db,
                               checkpointing=det.gradient_checkpointing, shards=world)
         # partitioned loading: each rank stages one tensor slice at a time in host memory
         largest = teacher.vocab * teacher.hidden * db / world
@@ -245,11 +261,12 @@ def plan(cfg, cluster: Cluster, *, samples: int | None = None, mean_tokens: int 
         world = 1
     sec = None
     if samples:
-        batches = samples * passes / tp.batch_size
+        batches = samples * passes / (tp.batch_size * world)  # gang batches: each gathers every block
         compute = samples * passes * saliency_flops(teacher, [tok], tok) / (flops_rate * world)
         sec = (compute + batches * comm) / max(1, tp.max_actors)
     out.append(RankPlan("detect", rank_kind, gname, 1 if tp.mode == "sharded" else max(1, int(tp.num_gpus)),
-                        parts, budget, host, g["host_bytes"], sec, fix))
+                        parts, budget, host, g["host_bytes"], sec, fix, items=samples and samples * passes,
+                        item="units"))
 
     # Stage 2: distillation worker
     res = dist_cfg.resources
@@ -269,7 +286,7 @@ def plan(cfg, cluster: Cluster, *, samples: int | None = None, mean_tokens: int 
         0 if dist_cfg.teacher_mode == "topk_cache" else
         teacher.vocab * teacher.hidden * tb / world if dist_cfg.teacher_mode == "zero3" else pt * tb)
     host *= min(world, max(1, g["gpus"]))  # workers of one node load at once
-    sec = None
+    sec = rows = None
     if samples:
         rows = samples * dist_cfg.epochs * (2 if dist_cfg.use_counterfactuals else 1)
         compute = rows * (training_flops(student, [tok], tok) + forward_flops(teacher, [tok], tok)) / (
@@ -282,7 +299,7 @@ def plan(cfg, cluster: Cluster, *, samples: int | None = None, mean_tokens: int 
                         gname, max(1, int(res.gpus_per_worker)), parts, cluster.gpu_mem_bytes *
                         max(1.0, res.gpus_per_worker), host, g["host_bytes"], sec,
                         "distill.micro_batch_size, data.max_length, distill.teacher_mode or "
-                        "distill.deepspeed.zero_stage"))
+                        "distill.deepspeed.zero_stage", items=rows, item="rows"))
 
     # vLLM generation (teacher responses, selection, evaluation): the pool holds the teacher
     if gen.backend in ("vllm", "auto") and gen.pool.num_gpus:
@@ -300,17 +317,40 @@ def plan(cfg, cluster: Cluster, *, samples: int | None = None, mean_tokens: int 
     return out
 
 
-def render(plans: list[RankPlan], console) -> None:
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
+
+
+COLUMNS = ("stage", "rank", "group", "GPU memory parts", "GPU total / budget", "host at load / node", "time",
+           "throughput", "verdict")
+
+
+def table_rows(plans: list[RankPlan]) -> list[tuple[str, ...]]:
+    """One row of :data:`COLUMNS` per rank kind (GiB per GPU; host GiB per node)."""
+    out = []
+    for p in plans:
+        parts = ", ".join(f"{k} {v / GIB:.1f}" for k, v in p.parts.items())
+        rate = "" if p.throughput is None else f"{p.throughput:.1f} {p.item}/s"
+        verdict = "fits" if p.fits else f"does not fit: change {p.fix}"
+        out.append((p.stage, p.rank, p.group, parts, f"{p.gpu_total / GIB:.1f} / {p.gpu_budget / GIB:.1f}",
+                    f"{p.host_load / GIB:.1f} / {p.host_budget / GIB:.0f}", _duration(p.seconds), rate, verdict))
+    return out
+
+
+def render(plans: list[RankPlan], console, markdown: bool = False) -> None:
+    """The plan as a terminal table, or (``markdown``) as a Markdown table for docs."""
+    if markdown:
+        lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+        lines += ["| " + " | ".join(row) + " |" for row in table_rows(plans)]
+        print("\n".join(lines))
+        return
     from rich.table import Table
 
     table = Table(title="leaf-ray plan (GiB per GPU; time at the stated MFU)")
-    for col in ("stage", "rank", "group", "GPU memory parts", "GPU total / budget", "host at load / node",
-                "time", "verdict"):
+    for col in COLUMNS:
         table.add_column(col)
-    for p in plans:
-        parts = ", ".join(f"{k} {v / GIB:.1f}" for k, v in p.parts.items())
-        time_s = "" if p.seconds is None else f"{p.seconds / 3600:.1f} h"
-        verdict = "fits" if p.fits else f"does not fit: change {p.fix}"
-        table.add_row(p.stage, p.rank, p.group, parts, f"{p.gpu_total / GIB:.1f} / {p.gpu_budget / GIB:.1f}",
-                      f"{p.host_load / GIB:.1f} / {p.host_budget / GIB:.0f}", time_s, verdict)
+    for row in table_rows(plans):
+        table.add_row(*row)
     console.print(table)

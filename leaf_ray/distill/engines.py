@@ -101,24 +101,27 @@ def build_student(cfg: LeafConfig, world: int, accum: int, total_steps: int, *, 
     """The student as a DeepSpeed engine with a client AdamW and a warm-up + decay LR schedule, on ``device``.
 
     Loaded in float32: DeepSpeed's bf16/fp16 mode casts the module and keeps the fp32 master weights in the
-    optimizer. ``with_loss``: the engine wraps :class:`StudentWithLoss` (the trainer); else the bare LM
-    (benchmarks)."""
+    optimizer. ZeRO-3 with a safetensors checkpoint: built partitioned instead (:func:`load_zero3_partitioned`).
+    ``with_loss``: the engine wraps :class:`StudentWithLoss` (the trainer); else the bare LM (benchmarks)."""
     from leaf_ray.distill.ds_ops import import_deepspeed
 
     deepspeed = import_deepspeed()
     from transformers import get_scheduler
 
-    from leaf_ray.models import compute_precision, load_model, load_tokenizer
+    from leaf_ray.models import PRECISIONS, compute_precision, load_model, load_tokenizer
+    from leaf_ray.partitioned_load import has_safetensors, load_zero3_partitioned
 
-    dcfg = cfg.distill
+    dcfg, ref = cfg.distill, cfg.models.student
     precision = compute_precision(dcfg.deepspeed.precision, on_cpu=torch.device(device).type == "cpu",
-                                  force=cfg.models.student.force_dtype)
+                                  force=ref.force_dtype)
     conf = deepspeed_config(cfg, world, accum, zero_stage=dcfg.deepspeed.zero_stage, precision=precision)
-    # Loaded whole on every rank, then partitioned by deepspeed.initialize. The partitioned load
-    # (leaf_ray.partitioned_load.load_zero3_partitioned, measured by `leaf-ray bench load`) is not used for the
-    # trained student yet: its forward in training mode fails under transformers 5.25 ("Qwen2Attention object
-    # has no attribute _kernel_funcs", tests/test_trainer.py ZeRO-3) — an open item of issue 29.
-    model = load_model(cfg.models.student, dtype="float32")
+    if dcfg.deepspeed.zero_stage == 3 and has_safetensors(ref):
+        # built partitioned, each rank reading only its partitions (no rank holds the whole student), in the
+        # precision deepspeed.initialize would cast a whole fp32 model to; the optimizer's fp32 master
+        # partitions are made from these, as from the cast module
+        model, _ = load_zero3_partitioned(ref, PRECISIONS[precision], conf, device)
+    else:
+        model = load_model(ref, dtype="float32")
     model.config.use_cache = False
     if with_loss:
         chunked = dcfg.chunked_lm_head and can_chunk_head(model, dcfg.deepspeed.zero_stage)
@@ -181,7 +184,7 @@ def zero3_teacher(cfg: LeafConfig, world: int, accum: int, device):
     conf = deepspeed_config(cfg, world, accum, zero_stage=3, precision=precision, trains=False)
     if has_safetensors(ref):
         # built partitioned, each rank reading only its partitions: no rank holds the whole teacher
-        model, _ = load_zero3_partitioned(ref, dtype, conf)
+        model, _ = load_zero3_partitioned(ref, dtype, conf, device)
         model.requires_grad_(False)
     else:
         model = _frozen_teacher(cfg, device)
