@@ -214,3 +214,19 @@ def sigkill_distill_after_checkpoint(config_file: Path, out: Path, log: Path, *,
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "summary.json").exists(), "the kill must land before the run finished"
     return proc
+
+
+def kill_distill_then_rerun(cfg, tmp_path: Path, *, wait_s: float) -> Path:
+    """`leaf-ray distill` of `cfg` (variant leaf_instr) SIGKILLed after its step-2 checkpoint, then the same
+    command run again to completion in this process; returns the run's output directory."""
+    from typer.testing import CliRunner
+
+    from leaf_ray.cli import app
+
+    out = cfg.run.dir / "distill" / "leaf_instr"
+    config_file = cfg.run.dir / "config.yaml"
+    config_file.write_text(cfg.to_yaml())
+    sigkill_distill_after_checkpoint(config_file, out, tmp_path / "driver.log", wait_s=wait_s)
+    again = CliRunner().invoke(app, ["distill", "--config", str(config_file)])  # the same command
+    assert again.exit_code == 0, again.output
+    return out

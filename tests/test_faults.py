@@ -31,7 +31,7 @@ from ray_processes import (
     cluster_pids,
     free_ports,
     kill_and_reap,
-    sigkill_distill_after_checkpoint,
+    kill_distill_then_rerun,
 )
 from run_data import read_dir, write_clean
 from test_detect_pipeline import clean_rows
@@ -270,20 +270,10 @@ def test_sigkill_of_an_in_process_run_then_the_same_command_resumes(baseline, ti
     """distill.inline_max_rows: the run trains in the `leaf-ray distill` process itself; SIGKILL it once its
     step-2 checkpoint is in <out>/checkpoints, run the same command: it resumes there, every step logged
     once from step 2 on, and ends with the uninterrupted student."""
-    from typer.testing import CliRunner
-
-    from leaf_ray.cli import app
-
     base_cfg, base = baseline
     cfg = make_cfg(tmp_path, tiny_pair, "inline-kill", **INLINE)
-    out = cfg.run.dir / "distill" / "leaf_instr"
-    config_file = cfg.run.dir / "config.yaml"
-    config_file.write_text(cfg.to_yaml())
-    sigkill_distill_after_checkpoint(config_file, out, tmp_path / "driver.log", wait_s=240)
+    out = kill_distill_then_rerun(cfg, tmp_path, wait_s=240)
     assert "ray" not in {p.name for p in out.iterdir()}  # it never started Ray Train
-
-    again = CliRunner().invoke(app, ["distill", "--config", str(config_file)])  # the same command
-    assert again.exit_code == 0, again.output
     result = distill(cfg)  # now complete: returns the run without training
     assert result.steps == STEPS
     steps = loss_steps(cfg, result.mlflow_run_id)

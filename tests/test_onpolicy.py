@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from ray_processes import sigkill_distill_after_checkpoint
+from ray_processes import kill_distill_then_rerun
 from test_faults import loss_steps
 from test_trainer import INLINE, STEPS, assert_curves_match, assert_same_weights, distill, history, make_cfg
 
@@ -107,20 +107,10 @@ def test_an_on_policy_run_logs_its_samples(on_policy_baseline):
 @pytest.mark.timeout(600)
 def test_sigkill_of_an_on_policy_run_resumes_with_the_same_samples_and_student(on_policy_baseline, tiny_pair,
                                                                                 tmp_path):
-    from typer.testing import CliRunner
-
-    from leaf_ray.cli import app
-
     base_cfg, base = on_policy_baseline
     cfg = make_cfg(tmp_path, tiny_pair, "onpolicy-kill", **ON_POLICY)
-    out = cfg.run.dir / "distill" / "leaf_instr"
-    config_file = cfg.run.dir / "config.yaml"
-    config_file.write_text(cfg.to_yaml())
-    sigkill_distill_after_checkpoint(config_file, out, tmp_path / "driver.log", wait_s=400)
+    out = kill_distill_then_rerun(cfg, tmp_path, wait_s=400)
     assert (out / "checkpoints" / "checkpoint-step0000002" / "sampler_rank0.pt").is_file()
-
-    again = CliRunner().invoke(app, ["distill", "--config", str(config_file)])  # the same command
-    assert again.exit_code == 0, again.output
     result = distill(cfg)
     assert result.steps == STEPS
     steps = loss_steps(cfg, result.mlflow_run_id)
