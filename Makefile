@@ -41,7 +41,7 @@ demo: $(STAMP)
 
 test: $(STAMP) $(VLLM_STAMP)
 	# one xdist worker: a test stopped by its timeout ends that worker (stacks printed), a new one goes on
-	$(BIN)/python -m pytest -q -ra -m "not autoscaler and not gpu" -n 1 --max-worker-restart 5
+	$(BIN)/python -m pytest -q -ra -m "not autoscaler and not gpu" -n 1 --max-worker-restart 5 --durations=20
 	# the gpu tier in its own process (DeepSpeed fixes one accelerator per process): skipped without CUDA
 	$(BIN)/python -m pytest -q -ra -m gpu tests/test_gpu.py
 	$(BIN)/python -m pytest -q -ra -m autoscaler; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]

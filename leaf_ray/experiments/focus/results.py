@@ -188,7 +188,8 @@ def print_tables(console: Console, result: FocusBenchResult) -> None:
     table = Table(title="Method quality: student accuracy on the held-out test split (greedy), attention mass",
                   caption="mean ± std over seeds; attention = mean mass from response positions onto distractor "
                           "tokens (teacher-forced, mean over layers and heads); TFLOPs = distillation (student "
-                          "training + teacher forward on every row) + Stage 1 saliency, where counted")
+                          "training + teacher forward on every row + the student's sampling on-policy) + Stage 1 "
+                          "saliency, where counted")
     for head in METHOD_HEAD:
         table.add_column(head, justify="left" if head == "Method" else "right")
     for row in method_rows(result):
@@ -290,8 +291,9 @@ from the response positions onto the distractor tokens of {focus.attention_sampl
 (teacher-forced reference solution, mean over layers and heads, summed over the distractor columns; uniform =
 the mass if attention were spread evenly). Steps = optimizer steps. KD controls ("KD w/o mask, N steps") are KD
 run for N steps: steps-matched to a LeaF variant, or compute-matched; an on-policy (mixed) LeaF variant's
-controls are on-policy (mixed) KD, on-policy KD's are off-policy KD (`distill.policy`, docs/on-policy.md) (TFLOPs: student training + the
-teacher's forward on every row, counterfactuals included{", + Stage 1 saliency of both models" if
+controls are on-policy (mixed) KD, on-policy KD's are off-policy KD (`distill.policy`, docs/on-policy.md)
+(TFLOPs: student training + the teacher's forward on every row, counterfactuals included, + the student's
+sampling for on-policy rows{", + Stage 1 saliency of both models" if
 focus.count_detection_flops else ""}; `leaf_ray/experiments/focus/controls.py`).
 
 {method}
