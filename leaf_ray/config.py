@@ -148,7 +148,7 @@ class PoolConfig(_Section):
     resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per actor.")
 
     @model_validator(mode="after")
-    def _min_le_max(self) -> "PoolConfig":
+    def _min_le_max(self) -> PoolConfig:
         if self.min_actors > self.max_actors:
             raise ValueError(f"min_actors ({self.min_actors}) must be <= max_actors ({self.max_actors})")
         return self
@@ -191,7 +191,7 @@ class TeacherPoolConfig(PoolConfig):
         None, ge=1, description="TESTING ONLY: the last rank of the first gang exits at this batch.")
 
     @model_validator(mode="after")
-    def _gang_fits(self) -> "TeacherPoolConfig":
+    def _gang_fits(self) -> TeacherPoolConfig:
         if self.mode == "sharded" and self.num_gpus and self.num_gpus != self.world_size:
             raise ValueError(f"mode sharded runs one rank per GPU: num_gpus ({self.num_gpus:g}) must be 0 or "
                              f"world_size ({self.world_size})")
@@ -460,7 +460,7 @@ class BenchmarkRef(_Section):
         return data
 
     @model_validator(mode="after")
-    def _kind_matches_format(self) -> "BenchmarkRef":
+    def _kind_matches_format(self) -> BenchmarkRef:
         if BENCHMARK_FORMATS.get(self.format).kind != self.kind:
             raise ValueError(f"benchmark {self.name!r}: kind {self.kind!r} does not fit format {self.format!r}")
         return self
@@ -507,7 +507,7 @@ class EvaluationConfig(_Section):
     )
 
     @model_validator(mode="after")
-    def _instructions_have_prompt(self) -> "EvaluationConfig":
+    def _instructions_have_prompt(self) -> EvaluationConfig:
         for key in ("math_instruction", "code_instruction"):
             if "{prompt}" not in getattr(self, key):
                 raise ValueError(f"{key} must contain the placeholder {{prompt}}")

@@ -130,8 +130,8 @@ def ordered_keys(result: FocusBenchResult) -> list[str]:
     keys = list(result.titles) or ([v for v in VARIANT_TITLES if v in result.accuracy]
                                    + [v for v in result.accuracy if v not in VARIANT_TITLES])
     order = {"off": 0, "on": 1, "mixed": 2}
-    controls = sorted((k for k in keys if parse_kd_steps_key(k)),
-                      key=lambda k: (order[parse_kd_steps_key(k)[0]], parse_kd_steps_key(k)[1]))
+    parsed = {k: p for k in keys if (p := parse_kd_steps_key(k))}
+    controls = sorted(parsed, key=lambda k: (order[parsed[k][0]], parsed[k][1]))
     return [k for k in keys if k not in controls] + controls
 
 
